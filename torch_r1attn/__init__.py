@@ -1,0 +1,22 @@
+"""torch_r1attn: fast attention for the variants you use, found by generate → verify → feedback.
+
+Public API::
+
+    torch_r1attn.attention(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
+                           enable_gqa=False, variant=None)
+    torch_r1attn.R1Attention(variant=None, ...)
+    torch_r1attn.variants   # causal, sliding_window, prefix_lm, document, alibi, softcap,
+                            # relative_bias, score_mod, mask_mod, compose
+"""
+
+import logging as _logging
+
+from . import variants
+from .functional import attention
+from .module import R1Attention
+from .variants import Variant
+
+__version__ = "0.1.0"
+__all__ = ["attention", "R1Attention", "variants", "Variant", "__version__"]
+
+_logging.getLogger(__name__).addHandler(_logging.NullHandler())

@@ -1,0 +1,189 @@
+"""Dispatch: spec → callable, the on-miss policy, and the fallback choice.
+
+The hot path is one dict lookup keyed by the spec's fields, then a launch::
+
+    forward(q, k, v, variant, ...)
+      └─ _table[spec_key]  ─ hit ─> Resolved(kernel | fallback)  -> launch
+                           └ miss ─> _resolve(): cache.lookup(spec)
+                                      ├─ positive entry -> loader.load -> kernel
+                                      ├─ negative entry -> fallback (cached verdict)
+                                      └─ miss -> on_miss: background (tuner thread, fallback now)
+                                                          sync (search now) | off (fallback)
+
+A ``Resolved`` that is waiting for a background search re-checks at most once a second (a cheap
+float compare on the hot path) and swaps the kernel in as soon as the tuner — in this process or
+another one sharing the cache — has stored it.
+
+Every reason for not using a kernel is logged once per (signature, reason) at INFO, and once at
+WARNING when a kernel was expected but failed to load.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+from . import fallback
+from .config import settings
+from .spec import AttentionSpec
+from .variants import Variant
+
+log = logging.getLogger(__name__)
+
+_KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_RECHECK_S = 1.0
+
+
+@dataclass
+class Resolved:
+    spec: AttentionSpec
+    path: str  # fallback path: sdpa | flex | eager
+    reason: str
+    kernel: Callable | None = None
+    kernel_info: dict[str, Any] = field(default_factory=dict)
+    pending: Any = None  # a background job handle while a search runs
+    next_check: float = 0.0
+
+
+_table: dict[tuple, Resolved] = {}
+_lock = threading.RLock()
+_logged: set[tuple] = set()
+
+
+def log_once(level: int, key: tuple, msg: str, *args) -> None:
+    if key in _logged:
+        return
+    _logged.add(key)
+    log.log(level, msg, *args)
+
+
+def kernels_usable(device: torch.device) -> bool:
+    """Generated Triton kernels run on CUDA, or on the CPU under ``TRITON_INTERPRET=1`` (tests)."""
+    if device.type == "cuda":
+        return True
+    return device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def reset() -> None:
+    """Forget every resolved signature (tests; after ``r1attn cache clear``)."""
+    with _lock:
+        _table.clear()
+        _logged.clear()
+
+
+def forward(q, k, v, variant: Variant, scale: float, enable_gqa: bool, dropout_p: float, on_miss: str | None):
+    needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    if dropout_p > 0.0 or needs_grad or q.dtype not in _KERNEL_DTYPES:
+        path, reason = fallback.choose(variant, q.device, settings().fallback)
+        if dropout_p > 0.0:
+            if not fallback.sdpa_expressible(variant):
+                raise ValueError(f"dropout_p > 0 needs an SDPA-expressible variant; {variant.key} is not")
+            path, reason = "sdpa", "dropout_p > 0 (generated kernels are inference-only)"
+        elif needs_grad:
+            reason = "inputs require grad: differentiable built-in path (" + reason + ")"
+        log_once(logging.INFO, ("nokernel", variant.key, path, reason), "r1attn %s: %s -> %s", variant.key, reason, path)
+        return fallback.run(path, q, k, v, variant, scale, enable_gqa, dropout_p)
+
+    key = (variant.key, q.dtype, q.shape[-1], v.shape[-1], q.shape[1] // k.shape[1],
+           q.shape[2], k.shape[2], q.device)
+    r = _table.get(key)
+    if r is None:
+        with _lock:
+            r = _table.get(key)
+            if r is None:
+                spec = AttentionSpec.from_call(q, k, v, variant.key)
+                r = _resolve(spec, variant, q.device, on_miss or settings().on_miss)
+                _table[key] = r
+    elif r.pending is not None and time.monotonic() >= r.next_check:
+        _poll(r)
+
+    if r.kernel is not None:
+        why = r.kernel.unsupported(q, k, v)
+        if why is None:
+            out = torch.empty(q.shape[:-1] + (v.shape[-1],), dtype=q.dtype, device=q.device)
+            r.kernel(q, k, v, out, scale, **variant.tensors())
+            return out
+        log_once(logging.INFO, ("unsup", r.spec.uri, why), "r1attn %s: kernel does not support this call (%s); "
+                 "fallback %s", r.spec.uri, why, r.path)
+    return fallback.run(r.path, q, k, v, variant, scale, enable_gqa, dropout_p)
+
+
+def _resolve(spec: AttentionSpec, variant: Variant, device: torch.device, policy: str) -> Resolved:
+    path, reason = fallback.choose(variant, device, settings().fallback)
+    r = Resolved(spec=spec, path=path, reason=reason)
+    if not kernels_usable(device):
+        log_once(logging.INFO, ("dev", spec.uri), "r1attn %s: no kernels on %s; fallback %s (%s)",
+                 spec.uri, device.type, path, reason)
+        return r
+    if _try_cache(r):
+        return r
+    if policy == "off":
+        log_once(logging.INFO, ("off", spec.uri), "r1attn %s: cache miss, on_miss=off; fallback %s (%s)",
+                 spec.uri, path, reason)
+    elif policy == "sync":
+        from .search import tuner
+
+        tuner.search_now(spec, variant)
+        _try_cache(r)
+    else:  # background
+        from .search import tuner
+
+        r.pending = tuner.submit(spec, variant)
+        r.next_check = time.monotonic() + _RECHECK_S
+        log_once(logging.INFO, ("bg", spec.uri), "r1attn %s: cache miss; searching in the background, "
+                 "fallback %s meanwhile (%s)", spec.uri, path, reason)
+    return r
+
+
+def _try_cache(r: Resolved) -> bool:
+    """Load a cached verdict into ``r``. True when the cache decided (kernel or negative entry)."""
+    from . import cache as cache_mod
+    from . import loader
+
+    try:
+        entry = cache_mod.default_cache().lookup(r.spec)
+    except cache_mod.CacheError as e:
+        log_once(logging.WARNING, ("cacheerr", r.spec.uri, str(e)), "r1attn %s: cache unusable (%s); fallback %s",
+                 r.spec.uri, e, r.path)
+        return True
+    if entry is None:
+        return False
+    if entry.negative:
+        log_once(logging.INFO, ("neg", r.spec.uri), "r1attn %s: cached verdict: no kernel beat %s; using it",
+                 r.spec.uri, r.path)
+        return True
+    try:
+        r.kernel = loader.load(entry)
+    except Exception as e:  # noqa: BLE001 - any load failure means "use the fallback", said loudly
+        log_once(logging.WARNING, ("loadfail", r.spec.uri), "r1attn %s: cached kernel failed to load (%s: %s); "
+                 "fallback %s", r.spec.uri, type(e).__name__, e, r.path)
+        return True
+    r.kernel_info = dict(entry.meta.get("measurements", {}))
+    r.pending = None
+    log_once(logging.INFO, ("hit", r.spec.uri), "r1attn %s: using cached kernel %s", r.spec.uri, entry.path)
+    return True
+
+
+def _poll(r: Resolved) -> None:
+    with _lock:
+        if r.pending is None:
+            return
+        r.next_check = time.monotonic() + _RECHECK_S
+        done = r.pending.done()
+        if _try_cache(r) or done:
+            r.pending = None
+
+
+def status() -> list[dict[str, Any]]:
+    """What each resolved signature runs (for ``r1attn doctor`` and tests)."""
+    return [
+        {"uri": r.spec.uri, "kernel": r.kernel is not None, "fallback": r.path, "reason": r.reason,
+         "pending": r.pending is not None}
+        for r in list(_table.values())
+    ]

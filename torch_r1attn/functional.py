@@ -1,0 +1,148 @@
+"""``torch_r1attn.attention``: the functional front end, with SDPA's signature and semantics.
+
+Validation happens here, before anything reaches a kernel, and every error names the argument.
+The call is then turned into an :class:`~torch_r1attn.spec.AttentionSpec` and handed to
+:mod:`torch_r1attn.dispatch`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from . import variants as V
+from .variants import Variant
+
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+MAX_HEAD_DIM = 256
+
+
+def attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attn_mask: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+    is_causal: bool = False,
+    scale: float | None = None,
+    enable_gqa: bool = False,
+    variant: Variant | None = None,
+    *,
+    on_miss: str | None = None,
+) -> torch.Tensor:
+    """Scaled dot-product attention with structured variants and generated kernels.
+
+    Drop-in for ``F.scaled_dot_product_attention``: same positional order, same meaning.
+
+    Args:
+        query: ``(B, Hq, Sq, D)``.
+        key:   ``(B, Hkv, Sk, D)``; ``Hq`` must be a multiple of ``Hkv`` when ``enable_gqa``.
+        value: ``(B, Hkv, Sk, Dv)``; ``Dv`` may differ from ``D``. Head dims up to 256.
+        attn_mask: SDPA's dense mask, broadcastable to ``(B, Hq, Sq, Sk)``: bool (True = attend)
+            or additive float (same dtype as ``query``, or float32). Combined (AND / added last)
+            with ``variant``.
+        dropout_p: SDPA's dropout; > 0 runs on SDPA (generated kernels are inference kernels).
+        is_causal: SDPA's top-left causal mask (``q_idx >= kv_idx``); same as
+            ``variant=variants.causal()``. Not allowed together with ``attn_mask`` (as in SDPA).
+            For KV-cache decoding use ``variants.causal(align="bottom_right")``.
+        scale: softmax scale, default ``1/sqrt(D)``.
+        enable_gqa: allow ``Hq != Hkv`` (grouped-query attention), as in SDPA.
+        variant: a :class:`~torch_r1attn.variants.Variant`, e.g.
+            ``variants.sliding_window(4096) + variants.softcap(50.0)``.
+        on_miss: override ``R1ATTN_ON_MISS`` for this call: ``background`` | ``sync`` | ``off``.
+
+    Returns:
+        ``(B, Hq, Sq, Dv)`` in ``query.dtype``. Rows that no key may attend to are 0.
+
+    Causal alignment when ``Sq != Sk`` (``x`` = attends), for ``Sq=2, Sk=4``::
+
+        top_left (is_causal, SDPA)      bottom_right (decode / chunked prefill)
+            x . . .                         x x x .
+            x x . .                         x x x x
+    """
+    variant = _validate(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, variant)
+    if scale is None:
+        scale = 1.0 / math.sqrt(query.shape[-1])
+    from . import dispatch
+
+    return dispatch.forward(query, key, value, variant, float(scale), enable_gqa, float(dropout_p), on_miss)
+
+
+def _validate(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa, variant) -> Variant:
+    for name, t in (("query", q), ("key", k), ("value", v)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(f"{name} must have shape (B, H, S, D), got {t.dim()} dims {tuple(t.shape)}")
+        if t.dtype not in _FLOAT_DTYPES:
+            raise TypeError(f"{name} must be float16/bfloat16/float32/float64, got {t.dtype}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"query, key, value dtypes differ: {q.dtype}, {k.dtype}, {v.dtype}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"query, key, value are on different devices: {q.device}, {k.device}, {v.device}")
+    B, Hq, Sq, D = q.shape
+    Bk, Hkv, Sk, Dk = k.shape
+    Bv, Hv, Sv, Dv = v.shape
+    if Bk != B or Bv != B:
+        raise ValueError(f"batch sizes differ: query {B}, key {Bk}, value {Bv}")
+    if Hv != Hkv:
+        raise ValueError(f"key has {Hkv} heads but value has {Hv}")
+    if Sv != Sk:
+        raise ValueError(f"key has length {Sk} but value has length {Sv}")
+    if Dk != D:
+        raise ValueError(f"query head dim {D} != key head dim {Dk}")
+    if min(B, Hq, Hkv, Sq, Sk, D, Dv) == 0:
+        raise ValueError(f"empty tensor: query {tuple(q.shape)}, key {tuple(k.shape)}, value {tuple(v.shape)}")
+    if D > MAX_HEAD_DIM or Dv > MAX_HEAD_DIM:
+        raise ValueError(f"head dims up to {MAX_HEAD_DIM} are supported, got D={D}, Dv={Dv}")
+    if Hq != Hkv:
+        if not enable_gqa:
+            raise ValueError(
+                f"query has {Hq} heads and key/value have {Hkv}: pass enable_gqa=True for grouped-query attention"
+            )
+        if Hq % Hkv:
+            raise ValueError(f"enable_gqa: query heads ({Hq}) must be a multiple of key/value heads ({Hkv})")
+    if scale is not None:
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+            raise TypeError(f"scale must be a float or None, got {type(scale).__name__}")
+        if not math.isfinite(scale):
+            raise ValueError(f"scale must be finite, got {scale}")
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)) or not (0.0 <= dropout_p < 1.0):
+        raise ValueError(f"dropout_p must be a float in [0, 1), got {dropout_p!r}")
+    if variant is None:
+        variant = V.Variant()
+    elif not isinstance(variant, Variant):
+        raise TypeError(f"variant must be a torch_r1attn.variants.Variant, got {type(variant).__name__}")
+    if is_causal:
+        if attn_mask is not None:
+            raise ValueError("attn_mask and is_causal=True cannot be used together (as in SDPA)")
+        variant = V.causal() + variant
+    if attn_mask is not None:
+        variant = variant.with_parts(_dense_part(attn_mask, q, B, Hq, Sq, Sk))
+    variant = variant.to(q.device)
+    variant.validate_call(B, Hq, Sq, Sk, q.device)
+    return variant
+
+
+def _dense_part(m, q, B, Hq, Sq, Sk):
+    if not isinstance(m, torch.Tensor):
+        raise TypeError(f"attn_mask must be a tensor or None, got {type(m).__name__}")
+    if m.device != q.device:
+        raise ValueError(f"attn_mask is on {m.device}, query is on {q.device}")
+    if m.dim() > 4:
+        raise ValueError(f"attn_mask has {m.dim()} dims; it must broadcast to (B, H, Sq, Sk)")
+    target = (B, Hq, Sq, Sk)
+    shape = (1,) * (4 - m.dim()) + tuple(m.shape)
+    for n, s, t in zip(("B", "H", "Sq", "Sk"), shape, target):
+        if s not in (1, t):
+            raise ValueError(
+                f"attn_mask of shape {tuple(m.shape)} does not broadcast to (B, H, Sq, Sk)={target} (dim {n})"
+            )
+    if m.dtype == torch.bool:
+        return V.DenseMask(m)
+    if m.dtype.is_floating_point:
+        if m.dtype not in (q.dtype, torch.float32):
+            raise TypeError(f"additive attn_mask must be bool, float32 or {q.dtype}, got {m.dtype}")
+        return V.DenseBias(m)
+    raise TypeError(f"attn_mask must be bool or floating, got {m.dtype}")
