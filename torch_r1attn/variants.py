@@ -571,7 +571,7 @@ class Variant:
     'sw4096+softcap50'
     """
 
-    __slots__ = ("parts", "_align")
+    __slots__ = ("parts", "_align", "_key")
 
     def __init__(self, parts: Iterable[Part] = (), align: str | None = None):
         parts = tuple(parts)
@@ -582,6 +582,7 @@ class Variant:
             raise ValueError(f"align must be one of {ALIGNS}, got {align!r}")
         self.parts = parts
         self._align = align
+        self._key: str | None = None
 
     @property
     def align(self) -> str:
@@ -612,15 +613,30 @@ class Variant:
         return not self.parts
 
     @property
-    def key(self) -> str:
-        masks = sorted({p.key for p in self.mask_parts})
-        # "causal" is implied by a sliding window, drop the redundancy so both spellings share kernels
+    def canonical_parts(self) -> tuple[Part, ...]:
+        """Mask parts sorted by key (AND commutes; duplicates and a causal implied by a sliding
+        window dropped), then score parts in application order. Kernels see tensors in this order,
+        so ``causal() + document(d)`` and ``document(d) + causal()`` share one kernel."""
+        masks: dict[str, Part] = {}
+        for p in self.mask_parts:
+            if p.key in masks and p.tensors("") and p is not masks[p.key]:
+                masks[f"{p.key}#{len(masks)}"] = p  # same role, different tensors: keep both
+            else:
+                masks.setdefault(p.key, p)
         if "causal" in masks and any(k.startswith("sw") for k in masks):
-            masks.remove("causal")
-        body = "+".join(masks + [p.key for p in self.score_parts]) or "full"
-        if self.align == "bottom_right" and any(p.positional for p in self.parts):
-            body += "@br"
-        return body
+            del masks["causal"]
+        ordered = [masks[k] for k in sorted(masks)]
+        return tuple(ordered) + self.score_parts
+
+    @property
+    def key(self) -> str:
+        k = self._key
+        if k is None:
+            body = "+".join(p.key for p in self.canonical_parts) or "full"
+            if self.align == "bottom_right" and any(p.positional for p in self.parts):
+                body += "@br"
+            k = self._key = body
+        return k
 
     def to(self, device) -> "Variant":
         """The same variant with its runtime tensors on ``device`` (callables' captures untouched)."""
@@ -641,7 +657,7 @@ class Variant:
     def tensors(self) -> dict[str, torch.Tensor]:
         """Named runtime tensors (``p{i}_...``), the ``**variant_tensors`` of the kernel contract."""
         out: dict[str, torch.Tensor] = {}
-        for i, p in enumerate(self.parts):
+        for i, p in enumerate(self.canonical_parts):
             out.update(p.tensors(f"p{i}_"))
         return out
 
