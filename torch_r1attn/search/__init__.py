@@ -1,0 +1,1 @@
+"""Kernel search: proposers (templates, llm), the generate → verify → feedback loop, the tuner."""
