@@ -108,9 +108,10 @@ def sdpa_inputs(variant: Variant, B: int, H: int, Sq: int, Sk: int, dtype, devic
     if len(parts) == 1 and isinstance(parts[0], Causal):
         if variant.align == "top_left" or Sq == Sk:
             return None, True
-        from torch.nn.attention.bias import causal_lower_right
+        if Sq <= Sk:  # with Sq > Sk the first rows see no key; CausalBias gives NaN there, we give 0
+            from torch.nn.attention.bias import causal_lower_right
 
-        return causal_lower_right(Sq, Sk), False
+            return causal_lower_right(Sq, Sk), False
     if len(parts) == 1 and isinstance(parts[0], DenseMask):
         return parts[0].mask_tensor, False
     if len(parts) == 1 and isinstance(parts[0], DenseBias) and parts[0].bias.dtype == dtype:
