@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from .reference import eager_attention
 from .variants import (
     Alibi, Causal, DenseBias, DenseMask, Document, MaskMod, PrefixLM, RelativeBias, ScoreMod,
-    SlidingWindow, Softcap, Variant,
+    IndexGrid, SlidingWindow, Softcap, Variant,
 )
 
 log = logging.getLogger(__name__)
@@ -100,6 +100,21 @@ def _variant_identity(variant: Variant) -> tuple:
     return (variant.key, _tensor_identity(variant), fns)
 
 
+def materialize(variant: Variant, B: int, H: int, Sq: int, Sk: int, dtype, device) -> torch.Tensor | None:
+    """The variant as one SDPA ``attn_mask``: bool when it only masks, else an additive bias in
+    ``dtype`` with ``-inf`` where masked. Smallest broadcast shape. Needs an SDPA-expressible variant."""
+    if not sdpa_expressible(variant):
+        raise ValueError(f"variant {variant.key} has a non-additive score part; SDPA cannot express it")
+    m = variant.dense_mask(B, H, Sq, Sk, device)
+    if not variant.score_parts:
+        return m
+    ix = IndexGrid.make(B, H, Sq, Sk, variant.offset(Sq, Sk), device)
+    bias, _ = variant.scores_and_mask(torch.zeros((1, 1, 1, 1), dtype=torch.float32, device=device), ix)
+    if m is not None:
+        bias = bias.masked_fill(~m, float("-inf"))
+    return bias.to(dtype)
+
+
 def sdpa_inputs(variant: Variant, B: int, H: int, Sq: int, Sk: int, dtype, device):
     """``(attn_mask, is_causal)`` for SDPA; the mask is memoised per variant content and shape."""
     parts = variant.parts
@@ -118,16 +133,7 @@ def sdpa_inputs(variant: Variant, B: int, H: int, Sq: int, Sk: int, dtype, devic
         return parts[0].bias, False
 
     def build():
-        m = variant.dense_mask(B, H, Sq, Sk, device)
-        if not variant.score_parts:
-            return m
-        from .variants import IndexGrid
-
-        ix = IndexGrid.make(B, H, Sq, Sk, variant.offset(Sq, Sk), device)
-        bias, _ = variant.scores_and_mask(torch.zeros((1, 1, 1, 1), dtype=torch.float32, device=device), ix)
-        if m is not None:
-            bias = bias.masked_fill(~m, float("-inf"))
-        return bias.to(dtype)
+        return materialize(variant, B, H, Sq, Sk, dtype, device)
 
     key = (_variant_identity(variant), B, H, Sq, Sk, dtype, str(device))
     return _dense_memo.get_or(key, build), False

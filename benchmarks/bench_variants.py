@@ -1,0 +1,272 @@
+"""R1Attention (after prewarm) against every peer, over the variant suite, side by side in one run.
+
+    python benchmarks/bench_variants.py [--shape NAME ...] [--variant NAME ...] [--budget S]
+                                        [--no-prewarm] [--quick]
+
+For every (shape, variant): prewarm the signature (template search, ``--budget`` seconds), then
+time, on the same rotated inputs and in this one process:
+
+* ``r1``: ``torch_r1attn.attention`` (dispatch → cached kernel, or its fallback);
+* every SDPA backend that accepts the call (cuDNN, flash, mem-efficient), given the variant in
+  its cheapest form (``is_causal``, or a dense mask/bias precomputed — not timed);
+* compiled FlexAttention (``dynamic=False``, block mask precomputed, recompile limit raised);
+* eager math where it fits in memory (S <= 4096).
+
+Prints each variant's ratio to its best peer and effective TFLOP/s (FLOPs of allowed pairs),
+and writes JSON + markdown + a plot under ``$OUT`` (default ``benchmarks/results``).
+Also measures the cache-hit dispatch overhead (host µs per call over launching the kernel).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+import torch_r1attn as r1  # noqa: E402
+from torch_r1attn import config, dispatch, fallback  # noqa: E402
+from torch_r1attn.reference import eager_attention  # noqa: E402
+from torch_r1attn.spec import AttentionSpec  # noqa: E402
+
+from benchmarks.common import (  # noqa: E402
+    SHAPES, allowed_fraction, bench, effective_tflops, environment, make_inputs, out_dir, suite, write_json,
+)
+
+log = logging.getLogger("bench_variants")
+
+BACKENDS = {
+    "sdpa_cudnn": "CUDNN_ATTENTION",
+    "sdpa_flash": "FLASH_ATTENTION",
+    "sdpa_efficient": "EFFICIENT_ATTENTION",
+}
+
+
+def sdpa_peer(c, backend_name):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    mask, is_causal = fallback.sdpa_inputs(c.variant, c.B, c.Hq, c.Sq, c.Sk, torch.bfloat16, torch.device("cuda"))
+    if mask is None and not is_causal and c.variant.parts:
+        return None
+    if isinstance(mask, torch.Tensor) and mask.dtype != torch.bool and mask.dtype != torch.bfloat16:
+        mask = mask.to(torch.bfloat16)
+    be = getattr(SDPBackend, BACKENDS[backend_name])
+
+    def fn(q, k, v):
+        with sdpa_kernel([be]):
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
+                                                  enable_gqa=c.enable_gqa)
+
+    return fn
+
+
+def flex_peer(c):
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 256)
+    compiled = torch.compile(flex_attention, dynamic=False)
+    mm = c.variant.flex_mask_mod(c.Sq, c.Sk)
+    sm = c.variant.flex_score_mod(c.Sq, c.Sk)
+    bm = create_block_mask(mm, None, None, c.Sq, c.Sk, device="cuda") if mm is not None else None
+
+    def fn(q, k, v):
+        return compiled(q, k, v, score_mod=sm, block_mask=bm, enable_gqa=c.enable_gqa)
+
+    return fn
+
+
+def eager_peer(c):
+    scale = 1 / math.sqrt(c.D)
+
+    def fn(q, k, v):
+        return eager_attention(q, k, v, c.variant, scale, compute_dtype=torch.bfloat16)
+
+    return fn
+
+
+def prewarm(c, budget: float) -> dict:
+    from torch_r1attn.search import tuner
+
+    q = torch.empty(c.B, c.Hq, c.Sq, c.D, device="meta")
+    k = torch.empty(c.B, c.Hkv, c.Sk, c.D, device="meta")
+    spec = AttentionSpec.from_call(q, k, k, c.variant.key)
+    spec = AttentionSpec(**{**spec.key_dict(), "dtype": "bf16"}, example=spec.example)
+    t0 = time.monotonic()
+    s = config.settings().replace(budget_s=budget)
+    res = tuner.search_now(spec, c.variant, s)
+    return {"search_s": round(time.monotonic() - t0, 1), **res.summary()}
+
+
+def dispatch_overhead(c) -> dict | None:
+    """Host µs per call: r1.attention (cache hit) vs the loaded kernel launched directly."""
+    q, k, v = make_inputs(c, n_sets=1)[0]
+    r1.attention(q, k, v, enable_gqa=c.enable_gqa, variant=c.variant)
+    entry = next((r for r in dispatch._table.values() if r.kernel is not None), None)
+    if entry is None:
+        return None
+    kern, tens = entry.kernel, c.variant.tensors()
+    out = torch.empty_like(q)
+    scale = 1 / math.sqrt(c.D)
+    n = 2000
+
+    def host_us(fn):
+        for _ in range(50):
+            fn()
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(n):
+            fn()
+        t1 = time.perf_counter()
+        torch.cuda.synchronize()
+        return (t1 - t0) / n * 1e6
+
+    direct = host_us(lambda: kern(q, k, v, out, scale, **tens))
+    via = host_us(lambda: r1.attention(q, k, v, enable_gqa=c.enable_gqa, variant=c.variant))
+    return {"variant": c.name, "shape": [c.B, c.Hq, c.Sq, c.D], "direct_us": round(direct, 2),
+            "r1_us": round(via, 2), "overhead_us": round(via - direct, 2)}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--shape", action="append", choices=list(SHAPES))
+    ap.add_argument("--variant", action="append")
+    ap.add_argument("--budget", type=float, default=45.0, help="search seconds per signature")
+    ap.add_argument("--no-prewarm", action="store_true")
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--tag", default="")
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    logging.getLogger("torch_r1attn").setLevel(logging.INFO)
+    if not torch.cuda.is_available():
+        print("bench_variants needs a CUDA GPU", file=sys.stderr)
+        return 2
+    os.environ.setdefault("R1ATTN_ON_MISS", "off")
+    config.set_settings(None)
+    rep = 100 if args.quick else 300
+    rows, overhead = [], []
+    for shape_name in args.shape or ["B4_H32_S4096_D128"]:
+        B, H, S, D = SHAPES[shape_name]
+        for c in suite(B, H, S, D, only=args.variant):
+            row = {"shape": shape_name, "variant": c.name, "key": c.variant.key}
+            if not args.no_prewarm:
+                try:
+                    row["search"] = prewarm(c, args.budget)
+                except Exception as e:  # noqa: BLE001 - a benchmark row records the failure and goes on
+                    row["search"] = {"error": f"{type(e).__name__}: {e}"}
+                log.info("%s %s search: %s", shape_name, c.name, row["search"])
+            dispatch.reset()
+            sets = make_inputs(c, n_sets=3)
+            peers = {}
+            for name in BACKENDS:
+                peers[name] = sdpa_peer(c, name)
+            peers["flex"] = flex_peer(c)
+            if c.Sq * c.Sk <= 4096 * 4096 and c.Sq > 1:
+                peers["eager"] = eager_peer(c)
+            times = {}
+            r1fn = lambda q, k, v: r1.attention(q, k, v, enable_gqa=c.enable_gqa, variant=c.variant)  # noqa: E731
+            for name, fn in [("r1", r1fn)] + list(peers.items()):
+                if fn is None:
+                    continue
+                try:
+                    fn(*sets[0])
+                    torch.cuda.synchronize()
+                    times[name] = bench(fn, sets, rep_ms=rep)
+                except Exception as e:  # noqa: BLE001 - "does not accept the call" is a result
+                    times[name] = f"ERR {type(e).__name__}: {str(e)[:80]}"
+            res = next(iter(dispatch._table.values()), None)
+            row["r1_path"] = "kernel" if (res and res.kernel is not None) else f"fallback:{res.path if res else '?'}"
+            frac = allowed_fraction(c)
+            num = {k: v for k, v in times.items() if isinstance(v, float)}
+            peer_num = {k: v for k, v in num.items() if k not in ("r1", "eager")}
+            best_peer = min(peer_num, key=peer_num.get) if peer_num else None
+            row.update(times=times, allowed_fraction=frac, best_peer=best_peer,
+                       best_peer_ms=peer_num.get(best_peer))
+            if "r1" in num and best_peer:
+                row["ratio_vs_best_peer"] = peer_num[best_peer] / num["r1"]
+                row["r1_eff_tflops"] = effective_tflops(c, num["r1"], frac)
+                row["best_peer_eff_tflops"] = effective_tflops(c, peer_num[best_peer], frac)
+            rows.append(row)
+            print(f"{shape_name} {c.name:24s} r1={num.get('r1', float('nan')):.3f}ms ({row['r1_path']}) "
+                  f"best={best_peer} {row.get('best_peer_ms') or float('nan'):.3f}ms "
+                  f"ratio={row.get('ratio_vs_best_peer', float('nan')):.3f} "
+                  f"eff={row.get('r1_eff_tflops', float('nan')):.0f} TFLOP/s", flush=True)
+            if shape_name == "B4_H32_S4096_D128" and row["r1_path"] == "kernel" and len(overhead) < 2:
+                small = type(c)(c.name, 1, 4, 4 // (c.Hq // c.Hkv) or 1, min(c.Sq, 128), 128, c.D, c.variant)
+                try:
+                    o = dispatch_overhead(small)
+                    if o:
+                        overhead.append(o)
+                except Exception as e:  # noqa: BLE001
+                    overhead.append({"variant": c.name, "error": str(e)[:200]})
+            del sets
+            torch.cuda.empty_cache()
+    env = environment()
+    od = out_dir()
+    tag = (env.get("gpu", "gpu") + (("_" + args.tag) if args.tag else "")).replace(" ", "_")
+    write_json(od / f"variants_{tag}.json", {"env": env, "rows": rows, "dispatch_overhead": overhead})
+    md = render(rows, overhead, env)
+    (od / f"variants_{tag}.md").write_text(md)
+    plot(rows, od / f"variants_{tag}.png")
+    print(md)
+    return 0
+
+
+def render(rows, overhead, env) -> str:
+    lines = [f"# R1Attention vs peers ({env.get('gpu')}, torch {env['torch']}, triton {env['triton']}, "
+             f"{env['date']}), bf16 forward, median ms", "",
+             "| shape | variant | r1 path | r1 ms | best peer | peer ms | ratio | r1 eff TFLOP/s | search s |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        t = r["times"].get("r1")
+        lines.append(
+            f"| {r['shape']} | {r['variant']} | {r['r1_path']} | {t if isinstance(t, str) else '%.3f' % t} | "
+            f"{r.get('best_peer')} | {'%.3f' % r['best_peer_ms'] if r.get('best_peer_ms') else '—'} | "
+            f"{'%.2fx' % r['ratio_vs_best_peer'] if r.get('ratio_vs_best_peer') else '—'} | "
+            f"{'%.0f' % r['r1_eff_tflops'] if r.get('r1_eff_tflops') else '—'} | "
+            f"{r.get('search', {}).get('search_s', '—')} |")
+    for shape in sorted({r["shape"] for r in rows}):
+        rs = [r["ratio_vs_best_peer"] for r in rows if r["shape"] == shape and r["variant"] in (
+            "sliding_window", "alibi_causal", "softcap_causal", "document_causal", "prefix_lm", "relpos_bias_causal")
+            and r.get("ratio_vs_best_peer")]
+        if rs:
+            gm = math.exp(sum(math.log(x) for x in rs) / len(rs))
+            lines.append(f"\n{shape}: geometric mean over the six structured variants: {gm:.3f}x ({len(rs)} rows)")
+    if overhead:
+        lines += ["", "Dispatch overhead (cache hit, host µs per call):", "",
+                  "| variant | direct µs | r1.attention µs | overhead µs |", "|---|---|---|---|"]
+        for o in overhead:
+            lines.append(f"| {o.get('variant')} | {o.get('direct_us')} | {o.get('r1_us')} | {o.get('overhead_us', o.get('error'))} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows, path: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    shapes = sorted({r["shape"] for r in rows})
+    fig, axes = plt.subplots(1, len(shapes), figsize=(6 * len(shapes), 4), squeeze=False)
+    for ax, sh in zip(axes[0], shapes):
+        rs = [r for r in rows if r["shape"] == sh and r.get("ratio_vs_best_peer")]
+        ax.barh([r["variant"] for r in rs], [r["ratio_vs_best_peer"] for r in rs])
+        ax.axvline(1.0, color="k", lw=0.8)
+        ax.set_title(sh)
+        ax.set_xlabel("speed-up vs best peer")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

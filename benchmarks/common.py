@@ -1,0 +1,140 @@
+"""Shared pieces of the benchmark scripts: the peer variant suite, shapes, timing, FLOP counting.
+
+The suite mirrors ``anchors/h200-peers.md`` exactly (same variants, same parameters) so ratios
+can be read against that table: sliding window 1024 (causal); ALiBi slopes 2^(-8(h+1)/H)
+(causal); soft-cap 50 (causal); 8 random packed documents (causal); prefix-LM prefix S/4;
+relative bias table indexed by k−q (causal); GQA 32/8 (causal); decode = 1 query, 8192 keys,
+batch 32, 8 kv heads.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from torch_r1attn import variants as V
+
+SHAPES = {  # name -> (B, H, S, D)
+    "B4_H32_S4096_D128": (4, 32, 4096, 128),
+    "B8_H32_S2048_D64": (8, 32, 2048, 64),
+    "B1_H32_S16384_D128": (1, 32, 16384, 128),
+}
+
+
+@dataclass
+class Case:
+    name: str
+    B: int
+    Hq: int
+    Hkv: int
+    Sq: int
+    Sk: int
+    D: int
+    variant: V.Variant
+
+    @property
+    def enable_gqa(self) -> bool:
+        return self.Hq != self.Hkv
+
+
+def packed_docs(S: int, n: int, seed: int = 0, device="cuda") -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    cuts = torch.sort(torch.randperm(S - 1, generator=g)[: n - 1] + 1).values
+    ids = torch.zeros(S, dtype=torch.int32)
+    for c in cuts.tolist():
+        ids[c:] += 1
+    return ids.to(device)
+
+
+def suite(B: int, H: int, S: int, D: int, device="cuda", only: list[str] | None = None) -> list[Case]:
+    g = torch.Generator().manual_seed(0)
+    R = S  # relative-bias table covers every distance
+    cases = {
+        "full": lambda: Case("full", B, H, H, S, S, D, V.full()),
+        "causal": lambda: Case("causal", B, H, H, S, S, D, V.causal()),
+        "sliding_window": lambda: Case("sliding_window", B, H, H, S, S, D, V.sliding_window(1024)),
+        "alibi_causal": lambda: Case("alibi_causal", B, H, H, S, S, D, V.causal() + V.alibi(H)),
+        "softcap_causal": lambda: Case("softcap_causal", B, H, H, S, S, D, V.causal() + V.softcap(50.0)),
+        "document_causal": lambda: Case("document_causal", B, H, H, S, S, D,
+                                        V.causal() + V.document(packed_docs(S, 8, device=device))),
+        "prefix_lm": lambda: Case("prefix_lm", B, H, H, S, S, D, V.prefix_lm(S // 4)),
+        "relpos_bias_causal": lambda: Case("relpos_bias_causal", B, H, H, S, S, D,
+                                           V.causal() + V.relative_bias(torch.randn(H, 2 * R - 1, generator=g) * 0.5)),
+        "gqa_causal": lambda: Case("gqa_causal", B, H, 8, S, S, D, V.causal()),
+        "decode_gqa_B32_Sk8192": lambda: Case("decode_gqa_B32_Sk8192", 32, 32, 8, 1, 8192, D,
+                                              V.causal("bottom_right")),
+    }
+    names = only or list(cases)
+    out = []
+    for n in names:
+        c = cases[n]()
+        c.variant = c.variant.to(device)
+        out.append(c)
+    return out
+
+
+def make_inputs(c: Case, dtype=torch.bfloat16, device="cuda", n_sets: int = 1, seed: int = 0):
+    g = torch.Generator(device=device).manual_seed(seed)
+    sets = []
+    for _ in range(n_sets):
+        q = torch.randn(c.B, c.Hq, c.Sq, c.D, device=device, dtype=dtype, generator=g)
+        k = torch.randn(c.B, c.Hkv, c.Sk, c.D, device=device, dtype=dtype, generator=g)
+        v = torch.randn(c.B, c.Hkv, c.Sk, c.D, device=device, dtype=dtype, generator=g)
+        sets.append((q, k, v))
+    return sets
+
+
+def allowed_fraction(c: Case) -> float:
+    """Fraction of (q, kv) pairs the variant's mask allows (1.0 for full), from one (b, h) slice."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    m = c.variant.dense_mask(1, 1, c.Sq, c.Sk, device)
+    if m is None:
+        return 1.0
+    return float(m.float().mean())
+
+
+def effective_tflops(c: Case, ms: float, frac: float) -> float:
+    flops = 2 * c.B * c.Hq * c.Sq * c.Sk * (c.D + c.D) * frac
+    return flops / (ms * 1e-3) / 1e12
+
+
+def bench(fn: Callable, sets: list, warmup_ms: float = 100, rep_ms: float = 400) -> float:
+    """Median ms of ``fn(*inputs)``, rotating input sets so L2 does not hold one of them."""
+    from triton.testing import do_bench
+
+    i = [0]
+
+    def call():
+        s = sets[i[0] % len(sets)]
+        i[0] += 1
+        return fn(*s)
+
+    return float(do_bench(call, warmup=warmup_ms, rep=rep_ms, return_mode="median"))
+
+
+def environment() -> dict:
+    import triton
+
+    d = {"torch": torch.__version__, "triton": triton.__version__, "python": platform.python_version(),
+         "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())}
+    if torch.cuda.is_available():
+        p = torch.cuda.get_device_properties(0)
+        d.update(gpu=p.name, sms=p.multi_processor_count, cudnn=torch.backends.cudnn.version())
+    return d
+
+
+def out_dir(default: str = "benchmarks/results") -> Path:
+    p = Path(os.environ.get("OUT") or default)
+    p.mkdir(parents=True, exist_ok=True)
+    return p
+
+
+def write_json(path: Path, obj) -> None:
+    path.write_text(json.dumps(obj, indent=1, default=str))
