@@ -20,3 +20,14 @@ __version__ = "0.1.0"
 __all__ = ["attention", "R1Attention", "variants", "Variant", "__version__"]
 
 _logging.getLogger(__name__).addHandler(_logging.NullHandler())
+
+
+def _apply_log_level() -> None:
+    from .config import settings
+
+    level = settings().log_level
+    if level:
+        _logging.getLogger(__name__).setLevel(level.upper())
+
+
+_apply_log_level()

@@ -38,11 +38,11 @@ class Settings:
     )
     on_miss: str = field(
         default="background",
-        metadata=_meta("R1ATTN_ON_MISS", "What a cache miss does: background | sync | off."),
+        metadata=_meta("R1ATTN_ON_MISS", "What a cache miss does: background, sync or off."),
     )
     proposer: str = field(
         default="templates",
-        metadata=_meta("R1ATTN_PROPOSER", "Who proposes candidates: templates | llm | all."),
+        metadata=_meta("R1ATTN_PROPOSER", "Who proposes candidates: templates, llm or all."),
     )
     budget_s: float = field(
         default=60.0, metadata=_meta("R1ATTN_BUDGET_S", "Search time budget per signature, seconds.")
@@ -58,7 +58,7 @@ class Settings:
     )
     fallback: str = field(
         default="auto",
-        metadata=_meta("R1ATTN_FALLBACK", "Built-in path when no kernel: auto | sdpa | flex | eager."),
+        metadata=_meta("R1ATTN_FALLBACK", "Built-in path when no kernel: auto, sdpa, flex or eager."),
     )
     verify_timeout_s: float = field(
         default=120.0,
