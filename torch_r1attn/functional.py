@@ -64,6 +64,10 @@ def attention(
     variant = _validate(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, variant)
     if scale is None:
         scale = 1.0 / math.sqrt(query.shape[-1])
+    if torch.compiler.is_compiling():  # dispatch is not traceable: one opaque op in the graph
+        from .ops import attention_op
+
+        return attention_op(query, key, value, variant, float(scale), enable_gqa, float(dropout_p), on_miss)
     from . import dispatch
 
     return dispatch.forward(query, key, value, variant, float(scale), enable_gqa, float(dropout_p), on_miss)

@@ -571,7 +571,7 @@ class Variant:
     'sw4096+softcap50'
     """
 
-    __slots__ = ("parts", "_align", "_key")
+    __slots__ = ("parts", "_align", "_key", "_tensors")
 
     def __init__(self, parts: Iterable[Part] = (), align: str | None = None):
         parts = tuple(parts)
@@ -583,6 +583,7 @@ class Variant:
         self.parts = parts
         self._align = align
         self._key: str | None = None
+        self._tensors: dict[str, torch.Tensor] | None = None
 
     @property
     def align(self) -> str:
@@ -641,6 +642,8 @@ class Variant:
     def to(self, device) -> "Variant":
         """The same variant with its runtime tensors on ``device`` (callables' captures untouched)."""
         device = torch.device(device)
+        if all(t.device == device for t in self.tensors().values()):
+            return self  # the hot path: nothing to move, no new object
         parts = []
         for p in self.parts:
             changes = {
@@ -656,9 +659,12 @@ class Variant:
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """Named runtime tensors (``p{i}_...``), the ``**variant_tensors`` of the kernel contract."""
-        out: dict[str, torch.Tensor] = {}
-        for i, p in enumerate(self.canonical_parts):
-            out.update(p.tensors(f"p{i}_"))
+        out = self._tensors
+        if out is None:  # parts are immutable: compute once (the dispatch hot path reads this)
+            out = {}
+            for i, p in enumerate(self.canonical_parts):
+                out.update(p.tensors(f"p{i}_"))
+            self._tensors = out
         return out
 
     def validate_call(self, B: int, Hq: int, Sq: int, Sk: int, device) -> None:
