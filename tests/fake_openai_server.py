@@ -69,6 +69,8 @@ class FakeOpenAI:
         self.scripts: "queue.Queue[Script]" = queue.Queue()
         self.requests: list[Recorded] = []
         self.disconnects = 0  # streams the client hung up on
+        self.active = 0  # streams being served now
+        self.max_active = 0  # most streams served at once
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._server: ThreadingHTTPServer | None = None
@@ -151,11 +153,17 @@ def _make_handler(srv: FakeOpenAI):
             if script.status != 200:
                 return self._json(script.status, script.error_body or {"error": {"message": "error"}},
                                   script.headers)
+            with srv._lock:
+                srv.active += 1
+                srv.max_active = max(srv.max_active, srv.active)
             try:
                 self._stream(script, body)
             except (BrokenPipeError, ConnectionResetError):
                 with srv._lock:
                     srv.disconnects += 1
+            finally:
+                with srv._lock:
+                    srv.active -= 1
 
         def _json(self, status: int, obj: dict, headers: dict[str, str] | None = None) -> None:
             data = json.dumps(obj).encode()

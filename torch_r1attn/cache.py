@@ -10,6 +10,7 @@ is a clean miss, never a stale load)::
         .locks/{spec.dirname}.lock          write lock (store, quarantine, clear, CUDA build)
         .locks/{spec.dirname}.search.lock   held by the one process searching this key
         .quarantine/                    corrupt entries, moved aside with the reason logged
+        .build/{spec.dirname}-{sha}/    the loader's CUDA builds (a verified copy + the .so)
         .tmp-{spec.dirname}-*           entries being written (only the lock holder touches these)
 
 ``root`` is ``settings().cache_dir`` (``R1ATTN_CACHE_DIR``), else
@@ -848,6 +849,11 @@ class KernelCache:
                 shutil.rmtree(trash, ignore_errors=True)
             else:
                 os.unlink(trash)
+            build = self.shard / ".build"
+            if build.is_dir():  # the loader's CUDA builds of this entry
+                for n in os.listdir(build):
+                    if n.startswith(f"{name}-"):
+                        shutil.rmtree(build / n, ignore_errors=True)
             return True
         finally:
             lock.release()

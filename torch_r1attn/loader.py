@@ -21,13 +21,32 @@ Triton candidates are Python files imported as uniquely named modules (never ``e
 caller's process: the file on disk *is* what was verified, checked by hash before import).
 CUDA candidates are ``.cu`` files with the same ``forward`` entry point, built by
 :mod:`torch_r1attn.cuda_build` (see there for why ``torch.utils.cpp_extension``).
+
+**Cache entries** (:func:`load`): the source bytes are read once, checked against the entry's
+``source_sha256``, and *those bytes* are what is imported (or built) — never a second read of the
+path, so a file swapped between check and use is not run. A Triton entry is imported through
+:class:`VerifiedSourceLoader`, whose ``get_source`` returns the verified text under the entry's
+real filename; ``linecache`` is seeded with the same text so ``inspect.getsource`` (which
+``triton.jit`` calls when the module executes) sees the verified source, not the file on disk.
+A CUDA entry's verified bytes are copied to a private per-entry build dir
+(``shard/.build/``) and built from there by :mod:`torch_r1attn.cuda_build`, under the entry's
+lock, so concurrent processes build it once and later processes reuse the library. Loaded kernels are memoised per
+(source path, source hash).
 """
 
 from __future__ import annotations
 
+import hashlib
+import importlib.abc
 import importlib.util
 import itertools
+import linecache
+import logging
+import os
+import stat
 import sys
+import tempfile
+import threading
 from pathlib import Path
 from types import ModuleType
 from typing import Any, Callable
@@ -36,11 +55,18 @@ import torch
 
 from .spec import DTYPE_NAMES
 
+log = logging.getLogger(__name__)
+
 _counter = itertools.count()
+_MAX_SOURCE_BYTES = 8 << 20
 
 
 class KernelLoadError(RuntimeError):
     """A kernel source could not be imported/built or breaks the contract."""
+
+
+class KernelIntegrityError(KernelLoadError):
+    """A cached source does not match its recorded hash (or is not a plain private file)."""
 
 
 def import_kernel_file(path: str | Path, name_hint: str = "kernel") -> ModuleType:
@@ -116,8 +142,169 @@ def load_source_file(path: str | Path, language: str = "triton", name_hint: str 
         fwd, sup = build_cuda_kernel(Path(path), name_hint)
     else:
         raise KernelLoadError(f"unknown kernel language {language!r}")
+    return _make_kernel(fwd, sup, Path(path).name, name_hint)
+
+
+def _make_kernel(fwd, sup, fname: str, name_hint: str) -> LoadedKernel:
     if fwd is None:
-        raise KernelLoadError(f"{Path(path).name}: defines no forward(q, k, v, out, scale, **variant_tensors)")
+        raise KernelLoadError(f"{fname}: defines no forward(q, k, v, out, scale, **variant_tensors)")
     if sup is None:
-        raise KernelLoadError(f"{Path(path).name}: defines no SUPPORTS dict")
+        raise KernelLoadError(f"{fname}: defines no SUPPORTS dict")
     return LoadedKernel(fwd, sup, name_hint)
+
+
+# ------------------------------------------------------------------------- verified imports
+class VerifiedSourceLoader(importlib.abc.ExecutionLoader):
+    """Imports a module from bytes already checked by hash, reporting ``filename`` as its file.
+
+    ``get_source``/``get_code`` serve the verified bytes, so ``inspect``/``linecache`` (and with
+    them ``triton.jit``) and the executed code all agree on one text.
+    """
+
+    def __init__(self, source: bytes, filename: str):
+        self._source = source
+        self._filename = filename
+
+    def get_filename(self, fullname: str) -> str:
+        return self._filename
+
+    def get_source(self, fullname: str) -> str:
+        return importlib.util.decode_source(self._source)
+
+    def get_code(self, fullname: str):
+        return compile(self._source, self._filename, "exec", dont_inherit=True)
+
+    def is_package(self, fullname: str) -> bool:
+        return False
+
+
+def import_kernel_source(source: bytes, filename: str | Path, name_hint: str = "kernel") -> ModuleType:
+    """Import verified ``source`` bytes as a fresh, uniquely named module whose file is
+    ``filename``. Raises KernelLoadError if executing the module fails."""
+    filename = str(filename)
+    safe = "".join(c if c.isalnum() else "_" for c in name_hint)[:60]
+    modname = f"torch_r1attn._kernels.{safe}_{next(_counter)}"
+    loader = VerifiedSourceLoader(source, filename)
+    spec = importlib.util.spec_from_loader(modname, loader)
+    mod = importlib.util.module_from_spec(spec)
+    text = loader.get_source(modname)
+    # mtime None marks a loader-provided entry: linecache.checkcache keeps it instead of
+    # re-reading the path, so inspect.getsource returns these verified lines.
+    linecache.cache[filename] = (len(text), None, text.splitlines(True), filename)
+    sys.modules[modname] = mod  # triton.jit needs the module importable while compiling
+    try:
+        loader.exec_module(mod)
+    except Exception as e:
+        sys.modules.pop(modname, None)
+        raise KernelLoadError(f"importing {Path(filename).name} failed: {type(e).__name__}: {e}") from e
+    return mod
+
+
+def read_verified(path: str | Path, sha256: str | None) -> bytes:
+    """Read ``path`` once (no symlinks, a regular file of this user, not group/other-writable)
+    and return its bytes if their sha256 is ``sha256``; else raise KernelIntegrityError."""
+    if not sha256:
+        raise KernelIntegrityError(f"{path}: no source hash recorded; refusing to load it")
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError as e:
+        raise KernelIntegrityError(f"{path}: cannot be opened safely ({e.strerror})") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o022:
+            raise KernelIntegrityError(f"{path}: not a private regular file of this user")
+        if st.st_size > _MAX_SOURCE_BYTES:
+            raise KernelIntegrityError(f"{path}: {st.st_size} bytes is too large for a kernel source")
+        chunks = []
+        while chunk := os.read(fd, 1 << 20):
+            chunks.append(chunk)
+    finally:
+        os.close(fd)
+    data = b"".join(chunks)
+    got = hashlib.sha256(data).hexdigest()
+    if got != sha256:
+        raise KernelIntegrityError(f"{path}: sha256 {got[:16]}... does not match the entry's {sha256[:16]}...; "
+                                   "not loading it")
+    return data
+
+
+_loaded: dict[tuple[str, str], LoadedKernel] = {}
+_load_mu = threading.RLock()
+
+
+def load(entry) -> LoadedKernel:
+    """The kernel of a positive :class:`~torch_r1attn.cache.CacheEntry`, memoised per
+    (source path, source hash).
+
+    Raises KernelIntegrityError when the source on disk is not the one the entry recorded,
+    KernelLoadError when it fails to import/build or breaks the kernel contract, ValueError for
+    a negative entry.
+    """
+    if entry.negative or entry.source_path is None:
+        raise ValueError(f"{entry.path}: a negative cache entry has no kernel to load")
+    sha = entry.meta.get("source_sha256")
+    key = (str(entry.source_path), str(sha))
+    hit = _loaded.get(key)
+    if hit is not None:
+        return hit
+    with _load_mu:
+        hit = _loaded.get(key)
+        if hit is not None:
+            return hit
+        data = read_verified(entry.source_path, sha)
+        name = f"{entry.spec.dirname}"
+        if entry.language == "triton":
+            mod = import_kernel_source(data, entry.source_path, name)
+            kernel = _make_kernel(getattr(mod, "forward", None), getattr(mod, "SUPPORTS", None),
+                                  entry.source_path.name, name)
+        elif entry.language == "cuda":
+            kernel = _build_cuda_entry(entry, data, sha)
+        else:
+            raise KernelLoadError(f"{entry.path}: unknown kernel language {entry.language!r}")
+        _loaded[key] = kernel
+        log.debug("r1attn loader: loaded %s (%s)", entry.path, entry.language)
+        return kernel
+
+
+def _private_dir(path: Path) -> Path:
+    path.mkdir(mode=0o700, exist_ok=True)
+    st = os.lstat(path)
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o022:
+        raise KernelIntegrityError(f"build dir {path} is not a private directory of this user")
+    return path
+
+
+def _build_cuda_entry(entry, data: bytes, sha: str) -> LoadedKernel:
+    from .cache import _file_lock
+    from .cuda_build import build_cuda_kernel
+
+    name = f"r1attn_{entry.spec.hash}_{sha[:12]}"
+    # A stable per-(entry, source) build dir next to the shard: cuda_build keys its .so by the
+    # source hash and reuses it, so the entry is compiled once, not once per process.
+    build = _private_dir(_private_dir(entry.path.parent / ".build") / f"{entry.path.name}-{sha[:16]}")
+    lock = _file_lock(entry.lock_path, timeout=1800) if entry.lock_path is not None else None
+    if lock is not None:
+        lock.acquire()
+    try:
+        # The compiler reads a copy of the verified bytes, never the entry path; written
+        # tmp + rename so a concurrent reader of the copy never sees half of it.
+        src = build / "kernel.cu"
+        fd, tmp = tempfile.mkstemp(prefix="kernel.", suffix=".cu.tmp", dir=build)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, src)
+        fwd, sup = build_cuda_kernel(src, name)
+    except KernelLoadError:
+        raise
+    except Exception as e:
+        raise KernelLoadError(f"{entry.path}: CUDA build failed: {type(e).__name__}: {e}") from e
+    finally:
+        if lock is not None:
+            lock.release()
+    return _make_kernel(fwd, sup, entry.source_path.name, name)
+
+
+def forget_loaded() -> None:
+    """Drop the memo of loaded kernels (tests)."""
+    with _load_mu:
+        _loaded.clear()

@@ -8,20 +8,24 @@ that a background search stores later is picked up by a graph that was compiled 
 
 Schema::
 
-    r1attn::attention(Tensor q, Tensor k, Tensor v, Tensor[] variant_tensors, int variant_handle,
-                      float scale, bool enable_gqa, str? on_miss) -> Tensor
+    r1attn::attention(Tensor q, Tensor k, Tensor v, Tensor[] variant_tensors, SymInt variant_handle,
+                      SymInt[] variant_ints, float[] variant_floats, float scale, bool enable_gqa,
+                      str? on_miss) -> Tensor
     r1attn::attention_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v,
-                               Tensor[] variant_tensors, int variant_handle, float scale,
-                               bool enable_gqa) -> (Tensor, Tensor, Tensor, Tensor[])
+                               Tensor[] variant_tensors, SymInt variant_handle, SymInt[] variant_ints,
+                               float[] variant_floats, float scale, bool enable_gqa)
+                               -> (Tensor, Tensor, Tensor, Tensor[])
 
 **Variant handles.** An op cannot take a :class:`~torch_r1attn.variants.Variant`. A variant is
 split in two (:func:`variant_handle`):
 
-* its *structure* — part types and their constant parameters (window size, soft-cap, prefix
-  length, alignment, and for ``mask_mod``/``score_mod`` the callable object itself) — is
-  interned in a process-wide registry and named by a small int, the **handle**. The handle is a
-  compile-time constant in the graph (computed through ``assume_constant_result``, so dynamo
-  guards on the structure's inputs, not on the registry);
+* its *structure* — part types in order, the alignment, and for ``mask_mod``/``score_mod`` the
+  callable object itself — is interned in a process-wide registry and named by a small int, the
+  **handle**. The handle is a compile-time constant in the graph (computed through
+  ``assume_constant_result``, so dynamo guards on the structure's inputs, not on the registry);
+* its *numbers* (window size, prefix length: ``variant_ints``; soft-cap: ``variant_floats``) are
+  arguments, because under ``dynamic=True`` dynamo makes int attributes symbolic and a symbol
+  cannot be interned;
 * its *runtime tensors* (document ids, ALiBi slopes, bias tables, dense masks/biases) travel as
   the ``Tensor[]`` argument, so their data flows through the graph like any input.
 
@@ -68,19 +72,27 @@ _TENSOR_PARTS = {"doc": V.Document, "alibi": V.Alibi, "relbias": V.RelativeBias,
                  "dmask": V.DenseMask, "dbias": V.DenseBias}
 
 
-def _describe_parts(variant: Variant) -> tuple[tuple, list[torch.Tensor]]:
-    """``(structure, tensors)``. Plain Python over the parts, so dynamo traces it to constants."""
+def _describe_parts(variant: Variant) -> tuple[tuple, list[int], list[float], list[torch.Tensor]]:
+    """``(structure, ints, floats, tensors)``. Plain Python over the parts, so dynamo traces it.
+
+    Numbers (window size, prefix length, soft-cap) are *arguments*, not part of the structure:
+    under ``dynamic=True`` dynamo turns int attributes into SymInts, which cannot be interned."""
     descs: list[tuple] = []
+    ints: list[int] = []
+    floats: list[float] = []
     tensors: list[torch.Tensor] = []
     for p in variant.parts:
         if isinstance(p, V.Causal):
             descs.append(("causal",))
         elif isinstance(p, V.SlidingWindow):
-            descs.append(("sw", p.size))
+            descs.append(("sw",))
+            ints.append(p.size)
         elif isinstance(p, V.PrefixLM):
-            descs.append(("prefix", p.prefix_len))
+            descs.append(("prefix",))
+            ints.append(p.prefix_len)
         elif isinstance(p, V.Softcap):
-            descs.append(("softcap", float(p.cap)))
+            descs.append(("softcap",))
+            floats.append(float(p.cap))
         elif isinstance(p, V.Document):
             descs.append(("doc",))
             tensors.append(p.doc_ids)
@@ -102,7 +114,7 @@ def _describe_parts(variant: Variant) -> tuple[tuple, list[torch.Tensor]]:
             descs.append(("score_mod", p.fn))
         else:
             raise TypeError(f"r1attn op: variant part {type(p).__name__} cannot be passed through torch.compile")
-    return (variant.align, tuple(descs)), tensors
+    return (variant.align, tuple(descs)), ints, floats, tensors
 
 
 @torch.compiler.assume_constant_result
@@ -125,77 +137,98 @@ def _make_builder(structure: tuple) -> Callable[[list[torch.Tensor]], Variant]:
     align, descs = structure
     if align not in V.ALIGNS:
         raise TypeError(f"r1attn op: bad alignment {align!r} in variant structure")
-    makers: list[Callable] = []  # each takes an iterator over the runtime tensors
-    n_tensors = 0
+    # each maker takes iterators over (ints, floats, tensors)
+    makers: list[Callable[[Any, Any, Any], V.Part]] = []
+    counts = [0, 0, 0]
     for d in descs:
         tag = d[0]
         if tag == "causal":
-            makers.append(lambda it: V.Causal())
+            makers.append(lambda i, f, t: V.Causal())
         elif tag == "sw":
-            makers.append(lambda it, s=d[1]: V.SlidingWindow(s))
+            makers.append(lambda i, f, t: V.SlidingWindow(int(next(i))))
+            counts[0] += 1
         elif tag == "prefix":
-            makers.append(lambda it, n=d[1]: V.PrefixLM(n))
+            makers.append(lambda i, f, t: V.PrefixLM(int(next(i))))
+            counts[0] += 1
         elif tag == "softcap":
-            makers.append(lambda it, c=d[1]: V.Softcap(c))
+            makers.append(lambda i, f, t: V.Softcap(float(next(f))))
+            counts[1] += 1
         elif tag in _TENSOR_PARTS:
-            makers.append(lambda it, cls=_TENSOR_PARTS[tag]: cls(next(it)))
-            n_tensors += 1
-        elif tag == "mask_mod":
-            makers.append(lambda it, fn=d[1]: V.MaskMod(fn))
-        elif tag == "score_mod":
-            makers.append(lambda it, fn=d[1]: V.ScoreMod(fn))
+            makers.append(lambda i, f, t, cls=_TENSOR_PARTS[tag]: cls(next(t)))
+            counts[2] += 1
+        elif tag == "mask_mod" and len(d) == 2 and callable(d[1]):
+            makers.append(lambda i, f, t, fn=d[1]: V.MaskMod(fn))
+        elif tag == "score_mod" and len(d) == 2 and callable(d[1]):
+            makers.append(lambda i, f, t, fn=d[1]: V.ScoreMod(fn))
         else:
             raise TypeError(f"r1attn op: unknown variant part descriptor {d!r}")
 
-    def build(tensors: list[torch.Tensor]) -> Variant:
-        if len(tensors) != n_tensors:
-            raise ValueError(f"r1attn op: variant handle expects {n_tensors} tensors, got {len(tensors)}")
-        it = iter(tensors)
-        return Variant([m(it) for m in makers], align)
+    def build(ints: list[int], floats: list[float], tensors: list[torch.Tensor]) -> Variant:
+        got = (len(ints), len(floats), len(tensors))
+        if got != tuple(counts):
+            raise ValueError(f"r1attn op: variant handle expects (ints, floats, tensors) counts {tuple(counts)}, "
+                             f"got {got}")
+        i, f, t = iter(ints), iter(floats), iter(tensors)
+        return Variant([m(i, f, t) for m in makers], align)
 
-    # Fail at registration, not at the first launch, when a constant is invalid (e.g. window 0).
-    for d, m in zip(descs, makers):
-        if d[0] not in _TENSOR_PARTS:
-            m(iter(()))
     return build
 
 
-def variant_handle(variant: Variant) -> tuple[int, list[torch.Tensor]]:
-    """``(handle, runtime tensors)`` of ``variant``: what the op takes instead of a Variant.
+def variant_handle(variant: Variant) -> tuple[int, list[int], list[float], list[torch.Tensor]]:
+    """``(handle, ints, floats, tensors)`` of ``variant``: what the op takes instead of a Variant.
 
     Raises TypeError for a part that cannot cross into a graph (an unknown Part subclass)."""
     if not isinstance(variant, Variant):
         raise TypeError(f"variant must be a torch_r1attn.variants.Variant, got {type(variant).__name__}")
-    structure, tensors = _describe_parts(variant)
-    return register_structure(structure), tensors
+    structure, ints, floats, tensors = _describe_parts(variant)
+    return register_structure(structure), ints, floats, tensors
 
 
-def variant_from_handle(handle: int, tensors: list[torch.Tensor]) -> Variant:
-    """Rebuild the Variant a handle names, with ``tensors`` as its runtime tensors.
+def variant_from_handle(handle: int, ints: list[int], floats: list[float], tensors: list[torch.Tensor]) -> Variant:
+    """Rebuild the Variant a handle names from its numbers and runtime tensors.
 
-    Raises ValueError for an unknown handle or the wrong number of tensors."""
+    Raises ValueError for an unknown handle or the wrong number of arguments, and whatever the
+    part constructors raise for bad values (e.g. ValueError for a window of 0)."""
     b = _builders.get(handle)
     if b is None:
         raise ValueError(f"r1attn op: unknown variant handle {handle} (handles are per process; "
                          "register the variant with ops.variant_handle first)")
-    return b(list(tensors))
+    return b(list(ints), list(floats), list(tensors))
 
 
 # ------------------------------------------------------------------------------------ the ops
 @torch.library.custom_op("r1attn::attention", mutates_args=())
 def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, variant_tensors: list[torch.Tensor],
-               variant_handle: int, scale: float, enable_gqa: bool, on_miss: str | None) -> torch.Tensor:
+               variant_handle: int, variant_ints: list[int], variant_floats: list[float], scale: float,
+               enable_gqa: bool, on_miss: str | None) -> torch.Tensor:
     from . import dispatch
 
-    variant = variant_from_handle(variant_handle, variant_tensors)
+    variant = variant_from_handle(variant_handle, variant_ints, variant_floats, variant_tensors)
     with torch.no_grad():  # the kernel path; gradients come from attention_backward
         out = dispatch.forward(q, k, v, variant, scale, enable_gqa, 0.0, on_miss)
     return out.contiguous()
 
 
 @_attention.register_fake
-def _attention_fake(q, k, v, variant_tensors, variant_handle, scale, enable_gqa, on_miss):
+def _attention_fake(q, k, v, variant_tensors, variant_handle, variant_ints, variant_floats, scale, enable_gqa,
+                    on_miss):
     return q.new_empty(q.shape[:-1] + (v.shape[-1],))
+
+
+def _autograd_inside_op():
+    """Re-enable the Autograd dispatch keys for the recompute.
+
+    A custom op's body runs *below* autograd (its dispatcher adds the Autograd keys to the
+    thread-local exclude set), so a plain ``enable_grad()`` recompute records no graph and
+    ``autograd.grad`` fails with "does not require grad". The guard restores the exclude set on
+    exit; only this op's backward recompute runs with it."""
+    C = torch._C
+    exc = C._dispatch_tls_local_exclude_set()
+    for key in ("AutogradFunctionality", "AutogradCPU", "AutogradOther", "ADInplaceOrView"):
+        k = getattr(C.DispatchKey, key, None)
+        if k is not None:
+            exc = exc.remove(k)
+    return C._ForceDispatchKeyGuard(C._dispatch_tls_local_include_set(), exc)
 
 
 def _grad_wanted(t: torch.Tensor) -> bool:
@@ -204,15 +237,16 @@ def _grad_wanted(t: torch.Tensor) -> bool:
 
 @torch.library.custom_op("r1attn::attention_backward", mutates_args=())
 def _attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                        variant_tensors: list[torch.Tensor], variant_handle: int, scale: float,
+                        variant_tensors: list[torch.Tensor], variant_handle: int, variant_ints: list[int],
+                        variant_floats: list[float], scale: float,
                         enable_gqa: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[torch.Tensor]]:
     from . import fallback
     from .config import settings
 
-    with torch.enable_grad():
+    with _autograd_inside_op(), torch.enable_grad():
         qd, kd, vd = (t.detach().requires_grad_() for t in (q, k, v))
         vts = [t.detach().requires_grad_() if _grad_wanted(t) else t for t in variant_tensors]
-        variant = variant_from_handle(variant_handle, vts)
+        variant = variant_from_handle(variant_handle, variant_ints, variant_floats, vts)
         path, _ = fallback.choose(variant, q.device, settings().fallback)
         out = fallback.run(path, qd, kd, vd, variant, scale, enable_gqa)
         inputs = [qd, kd, vd] + [t for t in vts if _grad_wanted(t)]
@@ -230,7 +264,8 @@ def _attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor
 
 
 @_attention_backward.register_fake
-def _attention_backward_fake(grad_out, q, k, v, variant_tensors, variant_handle, scale, enable_gqa):
+def _attention_backward_fake(grad_out, q, k, v, variant_tensors, variant_handle, variant_ints, variant_floats,
+                             scale, enable_gqa):
     dts = [torch.empty_like(t, memory_format=torch.contiguous_format) if _grad_wanted(t)
            else t.new_empty((0,), dtype=torch.float32) for t in variant_tensors]
     return (torch.empty_like(q, memory_format=torch.contiguous_format),
@@ -239,18 +274,23 @@ def _attention_backward_fake(grad_out, q, k, v, variant_tensors, variant_handle,
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, variant_tensors, handle, scale, enable_gqa, _on_miss = inputs
+    q, k, v, variant_tensors, handle, ints, floats, scale, enable_gqa, _on_miss = inputs
     ctx.save_for_backward(q, k, v, *variant_tensors)
-    ctx.n_variant_tensors = len(variant_tensors)
-    ctx.handle, ctx.scale, ctx.enable_gqa = handle, scale, enable_gqa
+    ctx.handle, ctx.ints, ctx.floats, ctx.scale, ctx.enable_gqa = handle, ints, floats, scale, enable_gqa
 
 
 def _backward(ctx, grad_out):
     q, k, v, *vts = ctx.saved_tensors
-    dq, dk, dv, dts = _attention_backward(grad_out.contiguous(), q, k, v, vts, ctx.handle, ctx.scale,
-                                          ctx.enable_gqa)
+    dq, dk, dv, dts = _attention_backward(grad_out.contiguous(), q, k, v, vts, ctx.handle, ctx.ints, ctx.floats,
+                                          ctx.scale, ctx.enable_gqa)
     dvt = [g if _grad_wanted(t) else None for t, g in zip(vts, dts)]
-    return dq, dk, dv, dvt, None, None, None, None
+    # the returned structure must mirror the inputs', lists included
+    # The returned structure must mirror the inputs', lists included; AOT dispatch hands the
+    # number lists over as leaves, eager autograd as lists, so mirror what setup_context saw.
+    def nones(x):
+        return [None] * len(x) if isinstance(x, (list, tuple)) else None
+
+    return (dq, dk, dv, dvt, None, nones(ctx.ints), nones(ctx.floats), None, None, None)
 
 
 _attention.register_autograd(_backward, setup_context=_setup_context)
@@ -272,8 +312,9 @@ def attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, variant: Var
     """
     if dropout_p > 0.0:
         return _sdpa_traceable(q, k, v, variant, scale, enable_gqa, dropout_p)
-    handle, tensors = variant_handle(variant)
-    return torch.ops.r1attn.attention(q, k, v, tensors, handle, float(scale), bool(enable_gqa), on_miss)
+    handle, ints, floats, tensors = variant_handle(variant)
+    return torch.ops.r1attn.attention(q, k, v, tensors, handle, ints, floats, float(scale), bool(enable_gqa),
+                                      on_miss)
 
 
 def _sdpa_traceable(q, k, v, variant: Variant, scale: float, enable_gqa: bool, dropout_p: float):

@@ -1,0 +1,222 @@
+"""The timing protocol: honest medians for the candidate and every baseline, and the device's
+speed ceilings that expose implausible (cheating) candidates.
+
+* Each call is bracketed by CUDA events on the current stream, after a 256 MiB L2 flush; inputs
+  rotate over several copies (so neither L2 nor a pointer-keyed cache holds them); a warm-up of
+  ``warmup_ms`` runs first; the median of ``rep_ms`` worth of calls (``min_reps``..``max_reps``)
+  is reported, with the 20th/80th percentiles; the device is synchronised at the end.
+* Baselines: every SDPA backend that accepts the call (cuDNN, flash, memory-efficient), forced
+  one at a time with ``torch.nn.attention.sdpa_kernel`` and given the cheapest mask form from
+  :func:`torch_r1attn.fallback.sdpa_inputs`; and compiled FlexAttention
+  (:func:`torch_r1attn.fallback.run_flex`). Same inputs, same process, same protocol.
+* Ceilings, measured once per device and cached in a small JSON file: bf16 ``torch.matmul``
+  TFLOP/s (8192³) and device-to-device copy bandwidth. A candidate whose effective TFLOP/s
+  (counting only the ``(q, kv)`` pairs its mask allows) or whose minimum traffic rate exceeds a
+  ceiling by more than ``Protocol.ceiling_slack`` is rejected: no real attention kernel beats
+  cuBLAS at its own GEMM by 10 %, so such a time means work was skipped or hidden.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import statistics
+import tempfile
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+
+log = logging.getLogger(__name__)
+
+SDPA_BACKENDS = ("cudnn", "flash", "efficient")
+CEILINGS_VERSION = 1
+
+
+def bench(fn: Callable[..., object], arg_sets: Sequence[tuple], *, warmup_ms: float = 25.0, rep_ms: float = 150.0,
+          min_reps: int = 20, max_reps: int = 500, flush_bytes: int = 256 << 20) -> dict[str, float]:
+    """Median time of ``fn(*arg_sets[i % len(arg_sets)])`` in ms on the current CUDA device.
+
+    Raises:
+        RuntimeError: CUDA is not available.
+        ValueError: ``arg_sets`` is empty.
+    """
+    if not torch.cuda.is_available():
+        raise RuntimeError("bench needs a CUDA device (timings on the CPU are not meaningful)")
+    if not arg_sets:
+        raise ValueError("bench needs at least one argument set")
+    flush = torch.empty(flush_bytes // 4, dtype=torch.int32, device="cuda")
+    n_sets = len(arg_sets)
+    torch.cuda.synchronize()
+    # estimate one call's time (includes first-call compilation, which the warm-up must absorb)
+    fn(*arg_sets[0])
+    torch.cuda.synchronize()
+    s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    s.record()
+    for i in range(5):
+        fn(*arg_sets[i % n_sets])
+    e.record()
+    torch.cuda.synchronize()
+    est = max(s.elapsed_time(e) / 5, 1e-3)
+    n_warm = max(1, int(warmup_ms / est))
+    n_rep = max(min_reps, min(max_reps, int(rep_ms / est)))
+    for i in range(n_warm):
+        fn(*arg_sets[i % n_sets])
+    starts = [torch.cuda.Event(enable_timing=True) for _ in range(n_rep)]
+    ends = [torch.cuda.Event(enable_timing=True) for _ in range(n_rep)]
+    for i in range(n_rep):
+        flush.zero_()
+        starts[i].record()
+        fn(*arg_sets[i % n_sets])
+        ends[i].record()
+    torch.cuda.synchronize()
+    times = sorted(a.elapsed_time(b) for a, b in zip(starts, ends))
+    q = statistics.quantiles(times, n=5) if len(times) >= 5 else [times[0]] * 4
+    return {"median_ms": statistics.median(times), "p20_ms": q[0], "p80_ms": q[-1], "reps": float(n_rep)}
+
+
+def rotation_count(set_bytes: int, rotate_bytes: int, max_sets: int = 8) -> int:
+    """How many input copies to rotate so that together they exceed ``rotate_bytes``."""
+    if set_bytes <= 0:
+        return 1
+    return int(max(1, min(max_sets, math.ceil(rotate_bytes / set_bytes))))
+
+
+def make_timing_sets(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, n_sets: int) -> list[tuple]:
+    """``n_sets`` independent copies of (q, k, v, out); the first set is the originals."""
+    sets = []
+    for i in range(n_sets):
+        qi, ki, vi = (q, k, v) if i == 0 else (q.clone(), k.clone(), v.clone())
+        out = torch.empty(q.shape[:-1] + (v.shape[-1],), dtype=q.dtype, device=q.device)
+        sets.append((qi, ki, vi, out))
+    return sets
+
+
+def time_baselines(sets: list[tuple], variant, scale: float, bench_kw: dict, *, flex: bool = True,
+                   sdpa: bool = True) -> tuple[dict[str, float], list[str]]:
+    """Time every SDPA backend that accepts the call, and compiled FlexAttention.
+
+    Returns ``({name: median_ms}, notes)``; a backend that refuses the call is left out with a
+    note saying why.
+    """
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from .. import fallback
+
+    q, k, v, _ = sets[0]
+    B, Hq, Sq, _ = q.shape
+    Sk = k.shape[2]
+    gqa = Hq != k.shape[1]
+    out: dict[str, float] = {}
+    notes: list[str] = []
+    if sdpa and fallback.sdpa_expressible(variant):
+        mask, is_causal = fallback.sdpa_inputs(variant, B, Hq, Sq, Sk, q.dtype, q.device)
+        backends = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION,
+                    "efficient": SDPBackend.EFFICIENT_ATTENTION}
+        for name in SDPA_BACKENDS:
+            be = backends[name]
+
+            def run(qq, kk, vv, _o, be=be):
+                with sdpa_kernel([be]):
+                    return F.scaled_dot_product_attention(qq, kk, vv, attn_mask=mask, is_causal=is_causal,
+                                                          scale=scale, enable_gqa=gqa)
+
+            try:
+                run(*sets[0])
+                torch.cuda.synchronize()
+            except RuntimeError as e:  # "No available kernel": this backend does not take the call
+                notes.append(f"sdpa_{name} does not accept this call ({str(e).splitlines()[0][:120]})")
+                continue
+            out[f"sdpa_{name}"] = bench(run, sets, **bench_kw)["median_ms"]
+    elif sdpa:
+        notes.append("SDPA cannot express this variant (non-additive score part)")
+    if flex:
+        def run_flex(qq, kk, vv, _o):
+            return fallback.run_flex(qq, kk, vv, variant, scale, gqa)
+
+        try:
+            run_flex(*sets[0])
+            torch.cuda.synchronize()
+        except Exception as e:  # noqa: BLE001 - a baseline that cannot run is reported, not fatal
+            notes.append(f"flex failed: {type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}")
+        else:
+            out["flex"] = bench(run_flex, sets, **bench_kw)["median_ms"]
+    return out, notes
+
+
+# ----------------------------------------------------------------------------------- ceilings
+def ceilings_path(fingerprint_name: str) -> Path:
+    """Where this device's ceilings are cached (next to the kernel cache)."""
+    from ..config import settings
+
+    root = settings().cache_dir
+    if not root:
+        try:
+            import platformdirs
+
+            root = platformdirs.user_cache_dir("torch_r1attn")
+        except ImportError:  # the GPU machine has no platformdirs
+            root = os.path.join(os.path.expanduser("~"), ".cache", "torch_r1attn")
+    return Path(root) / "ceilings" / f"{fingerprint_name}.json"
+
+
+def measure_ceilings() -> dict[str, float]:
+    """bf16 matmul TFLOP/s and device copy GB/s on the current device (about a second)."""
+    n = 8192
+    a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    c = torch.empty(n, n, device="cuda", dtype=torch.bfloat16)
+    mm = bench(lambda: torch.matmul(a, b, out=c), [()], warmup_ms=50, rep_ms=200, min_reps=10, max_reps=100)
+    del a, b, c
+    nbytes = 1 << 30
+    src = torch.empty(nbytes // 2, device="cuda", dtype=torch.bfloat16).normal_()
+    dst = torch.empty_like(src)
+    cp = bench(lambda: dst.copy_(src), [()], warmup_ms=50, rep_ms=200, min_reps=10, max_reps=100)
+    del src, dst
+    tflops = 2 * n ** 3 / (mm["median_ms"] * 1e-3) / 1e12
+    gbps = 2 * nbytes / (cp["median_ms"] * 1e-3) / 1e9
+    return {"matmul_bf16_tflops": tflops, "copy_gbps": gbps}
+
+
+def load_or_measure_ceilings(path: Path, device_name: str) -> dict[str, float]:
+    """Ceilings from ``path`` if present and for this device, else measured and written there
+    (atomically; a concurrent writer just writes the same numbers)."""
+    try:
+        d = json.loads(path.read_text())
+        if d.get("version") == CEILINGS_VERSION and d.get("device") == device_name:
+            return d
+    except (OSError, ValueError):
+        pass
+    d = {"version": CEILINGS_VERSION, "device": device_name, **measure_ceilings()}
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".ceil-")
+        with os.fdopen(fd, "w") as f:
+            json.dump(d, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        log.warning("could not cache device ceilings at %s (%s); measuring again next time", path, e)
+    log.info("device ceilings for %s: %.0f TFLOP/s bf16 matmul, %.0f GB/s copy", device_name,
+             d["matmul_bf16_tflops"], d["copy_gbps"])
+    return d
+
+
+def plausibility(time_ms: float, flops: float, min_bytes: float, ceilings: dict[str, float],
+                 slack: float) -> tuple[bool, str, float]:
+    """``(plausible, explanation, effective TFLOP/s)`` of a measured time against the ceilings."""
+    eff_tflops = flops / (time_ms * 1e-3) / 1e12 if time_ms > 0 else float("inf")
+    eff_gbps = min_bytes / (time_ms * 1e-3) / 1e9 if time_ms > 0 else float("inf")
+    cap_t, cap_b = ceilings["matmul_bf16_tflops"], ceilings["copy_gbps"]
+    if eff_tflops > cap_t * (1 + slack):
+        return False, (f"implausible speed: {eff_tflops:.0f} effective TFLOP/s exceeds the measured bf16 matmul "
+                       f"ceiling {cap_t:.0f} by more than {slack:.0%} (work skipped or hidden?)"), eff_tflops
+    if eff_gbps > cap_b * (1 + slack):
+        return False, (f"implausible speed: it must move at least {min_bytes / 1e6:.1f} MB, i.e. {eff_gbps:.0f} GB/s, "
+                       f"over the measured copy bandwidth {cap_b:.0f} GB/s by more than {slack:.0%}"), eff_tflops
+    return True, (f"{eff_tflops:.1f} effective TFLOP/s ({eff_tflops / cap_t:.0%} of the matmul ceiling "
+                  f"{cap_t:.0f})"), eff_tflops
