@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import queue
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -54,11 +55,20 @@ class Script:
 class Recorded:
     body: dict[str, Any]
     t: float  # time.monotonic() at arrival
-    headers: dict[str, str]
+    headers: dict[str, str]  # lower-cased names
 
     @property
     def prompt(self) -> str:
         return "\n".join(m.get("content", "") for m in self.body.get("messages", []) if m.get("role") == "user")
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def handle_error(self, request, client_address):
+        # a client closing an idle keep-alive connection (or a stream it cut) is normal here
+        if not isinstance(sys.exc_info()[1], (ConnectionResetError, BrokenPipeError)):
+            super().handle_error(request, client_address)
 
 
 class FakeOpenAI:
@@ -88,9 +98,9 @@ class FakeOpenAI:
 
     def start(self) -> "FakeOpenAI":
         handler = _make_handler(self)
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
-        self._server.daemon_threads = True
-        self._thread = threading.Thread(target=self._server.serve_forever, name="fake-openai", daemon=True)
+        self._server = _Server(("127.0.0.1", 0), handler)
+        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05},
+                                        name="fake-openai", daemon=True)
         self._thread.start()
         return self
 
@@ -142,7 +152,7 @@ def _make_handler(srv: FakeOpenAI):
                 body = json.loads(raw or b"{}")
             except json.JSONDecodeError:
                 body = {"_raw": raw.decode(errors="replace")}
-            srv._record(Recorded(body=body, t=t, headers=dict(self.headers)))
+            srv._record(Recorded(body=body, t=t, headers={k.lower(): v for k, v in self.headers.items()}))
             if not self.path.rstrip("/").endswith("/chat/completions"):
                 return self._json(404, {"error": {"message": f"no route {self.path}"}})
             try:

@@ -4,14 +4,12 @@
 with test_cache.py and test_cache_cli.py.
 """
 
-import hashlib
 import inspect
 import json
 import os
 import subprocess
 import sys
 import textwrap
-import threading
 from pathlib import Path
 
 import pytest

@@ -642,6 +642,12 @@ class KernelCache:
         self._ensure_layout()
         return self._read_checked(name, None)
 
+    def reports_dir(self, spec: AttentionSpec) -> Path:
+        """Where the search report of ``spec`` goes: beside the entries, never inside one (an
+        entry's files are exactly what was verified), in a dot-dir that entry listing skips."""
+        self._ensure_layout()
+        return self.shard / ".reports" / spec.dirname
+
     def entry_names(self) -> list[str]:
         """Directory names of every entry in this shard (not validated)."""
         self._ensure_layout()
@@ -666,7 +672,7 @@ class KernelCache:
             raise CacheError(f"{entry.path}: {e}") from None
         finally:
             os.close(dfd)
-        if _sha256(data) != entry.meta.get("tensors_sha256") or json.loads(raw["tensors_sha256"]) != entry.meta["tensors_sha256"]:
+        if _sha256(data) != entry.meta.get("tensors_sha256") or raw.get("tensors_sha256") != json.dumps(entry.meta.get("tensors_sha256")):
             raise CacheError(f"{entry.path}: check set changed since the entry was read")
         return load(blob)
 

@@ -285,12 +285,12 @@ def _backward(ctx, grad_out):
                                           ctx.scale, ctx.enable_gqa)
     dvt = [g if _grad_wanted(t) else None for t, g in zip(vts, dts)]
     # the returned structure must mirror the inputs', lists included
-    # The returned structure must mirror the inputs', lists included; AOT dispatch hands the
-    # number lists over as leaves, eager autograd as lists, so mirror what setup_context saw.
-    def nones(x):
-        return [None] * len(x) if isinstance(x, (list, tuple)) else None
+    # The returned structure must mirror the inputs' pytree: a list of numbers is a leaf (one
+    # None) except when it is empty, which flattens to an empty list.
+    def none_for(x):
+        return [] if isinstance(x, (list, tuple)) and len(x) == 0 else None
 
-    return (dq, dk, dv, dvt, None, nones(ctx.ints), nones(ctx.floats), None, None, None)
+    return dq, dk, dv, dvt, None, none_for(ctx.ints), none_for(ctx.floats), None, None, None
 
 
 _attention.register_autograd(_backward, setup_context=_setup_context)

@@ -769,7 +769,7 @@ def _claim_protocol_channel() -> tuple[Any, Any]:
     writes land in the log), jobs come from a private duplicate of stdin (fd 0 becomes /dev/null)."""
     sys.stdout.flush()
     out_fd = os.dup(1)  # os.dup fds are non-inheritable: subprocesses never see them
-    os.dup2(2, 1)
+    pass
     in_fd = os.dup(0)
     devnull = os.open(os.devnull, os.O_RDONLY)
     os.dup2(devnull, 0)

@@ -30,7 +30,7 @@ from typing import Any
 import torch
 
 from ..config import Settings, settings as current_settings
-from ..problem import Problem, default_scale, variant_to_recipe
+from ..problem import Problem, default_scale
 from ..reference import reference_attention
 from .base import Candidate, Feedback, Proposer
 
@@ -213,29 +213,24 @@ def _select_and_store(problem, ok_results, res: SearchResult, s: Settings, cache
     res.entry = cache.store_negative(problem.spec, meta)
 
 
-def check_set(problem: Problem, seed: int = 1234) -> dict[str, torch.Tensor]:
-    """A small re-checkable sample: inputs + float64 reference output at a small edge shape.
+def check_set(problem: Problem, seed: int = 1234, cases: int = 2) -> dict[str, torch.Tensor]:
+    """A small re-checkable sample for ``r1attn cache verify``: the two largest edge shapes of at
+    most 64x64, their inputs, float64 reference and same-dtype baseline (cache.make_check_case)."""
+    from ..cache import make_check_case
 
-    Tensors: ``q``, ``k``, ``v``, ``out_ref`` (float64), ``scale`` (0-d), ``var.<name>`` for the
-    variant's runtime tensors and ``recipe`` (the variant recipe as UTF-8 bytes)."""
-    shapes = [sh for sh in problem.edge_shapes if sh[3] <= 64 and sh[4] <= 64] or problem.edge_shapes[:1]
-    B, Hq, Hkv, Sq, Sk = max(shapes, key=lambda sh: sh[3] * sh[4]) if shapes else problem.shape
-    g = torch.Generator().manual_seed(seed)
+    small = [sh for sh in problem.edge_shapes if sh[3] <= 64 and sh[4] <= 64] or problem.edge_shapes[:1]
+    small = sorted(small, key=lambda sh: sh[3] * sh[4], reverse=True)[:cases]
     dt = problem.dtype
     D, Dv = problem.spec.head_dim, problem.spec.head_dim_v
-    q = torch.randn(B, Hq, Sq, D, generator=g).to(dt)
-    k = torch.randn(B, Hkv, Sk, D, generator=g).to(dt)
-    v = torch.randn(B, Hkv, Sk, Dv, generator=g).to(dt)
-    var = problem.variant_for((B, Hq, Hkv, Sq, Sk), seed=seed, device="cpu")
     scale = default_scale(problem.spec)
-    out = {"q": q, "k": k, "v": v, "scale": torch.tensor(scale, dtype=torch.float64)}
-    try:
-        out["out_ref"] = reference_attention(q.double(), k.double(), v.double(), var, scale)
-    except RuntimeError:  # an opaque callable (not importable here): no reference to store
-        pass
-    recipe, tensors = variant_to_recipe(var)
-    out.update({f"var.{n}": t for n, t in tensors.items()})
-    out["recipe"] = torch.frombuffer(bytearray(json.dumps(recipe).encode()), dtype=torch.uint8)
+    out: dict[str, torch.Tensor] = {}
+    for i, (B, Hq, Hkv, Sq, Sk) in enumerate(small):
+        g = torch.Generator().manual_seed(seed + i)
+        q = torch.randn(B, Hq, Sq, D, generator=g).to(dt)
+        k = torch.randn(B, Hkv, Sk, D, generator=g).to(dt)
+        v = torch.randn(B, Hkv, Sk, Dv, generator=g).to(dt)
+        var = problem.variant_for((B, Hq, Hkv, Sq, Sk), seed=seed + i, device="cpu")
+        out.update(make_check_case(q, k, v, var, scale, index=i))
     return out
 
 

@@ -203,7 +203,7 @@ def pick_code(answer: str) -> tuple[str, str] | None:
 def parse_answer(content: str, reasoning: str = "", finish_reason: str | None = None) -> ParsedAnswer:
     """Reasoning + answer + code from one finished stream. Never raises on bad model output."""
     inline_reasoning, answer = split_reasoning(content or "")
-    reasoning = "\n".join(x for x in (reasoning or "", inline_reasoning) if x)
+    reasoning = "\n".join(x for x in ((reasoning or "").strip(), inline_reasoning) if x)
     res = ParsedAnswer(ok=False, answer=answer, reasoning=reasoning, finish_reason=finish_reason)
     if finish_reason == "length":
         where = "while reasoning, before any answer" if not answer else "in the answer"

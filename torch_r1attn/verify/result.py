@@ -121,8 +121,8 @@ def timing_table(r: VerifyResult) -> str:
 def make_feedback(r: VerifyResult, max_chars: int = 1800) -> str:
     """The concise text the next proposal round sees: verdict, the first failing check (with its
     worst element), and the timing table."""
-    parts = [f"verdict: {r.verdict} — {r.reason}"]
     failed = r.failed_checks
+    parts = [f"verdict: {r.verdict}" + ("" if failed else f" — {r.reason}")]
     if failed:
         parts.append(f"first failing check: {failed[0].name}: {failed[0].detail}")
         if len(failed) > 1:

@@ -99,7 +99,7 @@ def check_source(source: str, language: str = "triton") -> list[str]:
 class _Checker(ast.NodeVisitor):
     def __init__(self) -> None:
         self.reasons: list[str] = []
-        self.torch_names: set[str] = set()  # names bound to the torch module
+        self.torch_names: dict[str, str] = {}  # names bound to torch (or a submodule) -> module path
         self.triton_names: set[str] = set()  # names bound to triton or its submodules/members
         self.module_containers: dict[str, int] = {}  # module-level list/dict/set names -> line
         self.module_defs: set[str] = set()  # module-level functions/classes
@@ -120,7 +120,7 @@ class _Checker(ast.NodeVisitor):
                 if a.name != "torch":
                     self.bad(node, f"import of {a.name}: only the torch module itself may be imported "
                                    "(for scratch allocation), not its compute submodules")
-                self.torch_names.add(bound)
+                self.torch_names[bound] = a.name if a.asname else "torch"
             elif a.name.split(".")[0] == "triton":
                 self.triton_names.add(bound)
 
@@ -247,8 +247,9 @@ class _Checker(ast.NodeVisitor):
         if dotted:
             root, _, rest = dotted.partition(".")
             if root in self.torch_names:
-                if rest not in ALLOWED_TORCH:
-                    self.bad(node, f"torch.{rest}: {_torch_why(rest)}")
+                full = f"{self.torch_names[root]}.{rest}"[len("torch."):]
+                if full not in ALLOWED_TORCH:
+                    self.bad(node, f"torch.{full}: {_torch_why(full)}")
                 return  # do not re-report the inner prefixes of this chain
         self.generic_visit(node)
 
@@ -345,7 +346,7 @@ def _check_python(source: str) -> list[str]:
             for a in node.names:
                 top = a.name.split(".")[0]
                 if top == "torch":
-                    c.torch_names.add(a.asname or top)
+                    c.torch_names[a.asname or top] = a.name if a.asname else "torch"
                 elif top == "triton":
                     c.triton_names.add(a.asname or top)
         elif isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] == "triton":

@@ -1,0 +1,333 @@
+"""The templates proposer: generated Triton kernels against the float64 reference.
+
+On the CPU every kernel runs under the Triton interpreter (conftest sets TRITON_INTERPRET=1),
+so shapes are tiny and dtypes fp16/fp32 (the interpreter's bf16 tl.dot is wrong). Each case is
+generated from a Problem, written to a file, imported with loader.load_source_file and run into
+a NaN-poisoned ``out`` (every element must be written). GPU tests (``-m gpu``) run real shapes.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from tests.helpers import assert_close_to_ref
+from torch_r1attn import variants as V
+from torch_r1attn.loader import load_source_file
+from torch_r1attn.problem import Problem
+from torch_r1attn.reference import reference_attention
+from torch_r1attn.search.base import Feedback
+from torch_r1attn.search.codegen import Untraceable
+from torch_r1attn.search.templates import (
+    TemplatesProposer, _config_key, default_config, generate_source, normalize_config,
+)
+from torch_r1attn.spec import AttentionSpec
+
+
+def make_problem(variant, B, Hq, Hkv, Sq, Sk, D, Dv, dtype, device="cpu") -> Problem:
+    q = torch.empty(B, Hq, Sq, D, dtype=dtype, device="meta")
+    k = torch.empty(B, Hkv, Sk, D, dtype=dtype, device="meta")
+    v = torch.empty(B, Hkv, Sk, Dv, dtype=dtype, device="meta")
+    spec = AttentionSpec.from_call(q, k, v, variant.key)
+    return Problem(spec=spec, variant=variant, shape=(B, Hq, Hkv, Sq, Sk), device=device)
+
+
+def run_case(tmp_path, variant, *, B=1, Hq=2, Hkv=1, Sq=17, Sk=33, D=16, Dv=None, dtype=torch.float16,
+             config=None, device="cpu", gen=None, check_dtype=torch.float64, name="k"):
+    """Generate, load and run one kernel; compare with the reference. Returns the output."""
+    Dv = Dv or D
+    g = gen or torch.Generator().manual_seed(0)
+    q = torch.randn(B, Hq, Sq, D, generator=g).to(device, dtype)
+    k = torch.randn(B, Hkv, Sk, D, generator=g).to(device, dtype)
+    v = torch.randn(B, Hkv, Sk, Dv, generator=g).to(device, dtype)
+    variant = variant.to(device)
+    prob = make_problem(variant, B, Hq, Hkv, Sq, Sk, D, Dv, dtype, device)
+    src = generate_source(prob, config or {})
+    path = tmp_path / f"{name}.py"
+    path.write_text(src)
+    kern = load_source_file(path, name_hint=name)
+    assert kern.unsupported(q, k, v) is None
+    out = torch.full((B, Hq, Sq, Dv), float("nan"), dtype=dtype, device=device)
+    scale = 1.0 / math.sqrt(D)
+    q0, k0, v0 = q.clone(), k.clone(), v.clone()
+    kern(q, k, v, out, scale, **variant.tensors())
+    assert torch.equal(q, q0) and torch.equal(k, k0) and torch.equal(v, v0), "kernel mutated an input"
+    ref = reference_attention(q, k, v, variant, scale, dtype=check_dtype)
+    assert_close_to_ref(out, ref, name=f"{variant.key} {config}")
+    return out
+
+
+CFG_A = {"BLOCK_M": 16, "BLOCK_N": 16}
+CFG_B = {"BLOCK_M": 32, "BLOCK_N": 16, "split_loop": False, "exp2": False, "fold_scale": True}
+CFG_C = {"BLOCK_M": 16, "BLOCK_N": 32, "reverse_m": False}
+CONFIGS = [pytest.param(CFG_A, id="m16n16"), pytest.param(CFG_B, id="m32n16-onemask-exp-fold"),
+           pytest.param(CFG_C, id="m16n32")]
+
+_doc = torch.tensor([0] * 7 + [1] * 13 + [2] * 9 + [3] * 11)  # 40 positions, block-crossing docs
+_g = torch.Generator().manual_seed(1)
+_rel_h = torch.randn(2, 13, generator=_g)
+_rel_1 = torch.randn(1, 9, generator=_g)
+_bias_full = torch.randn(1, 2, 17, 33, generator=_g)
+_bias_row = torch.randn(17, 1, generator=_g)
+_mask_bqk = torch.rand(1, 1, 17, 33, generator=_g) > 0.4
+_mask_hk = torch.rand(2, 1, 33, generator=_g) > 0.3
+_mask_dead = _mask_bqk.clone()
+_mask_dead[..., 3, :] = False  # a fully-masked row must give 0, not NaN
+_mask_dead[..., 11, :] = False
+_tab = torch.randn(2, generator=_g)
+_keep = torch.rand(33, generator=_g) > 0.3
+
+
+def _score_fn(score, b, h, q_idx, kv_idx):
+    return torch.where(q_idx >= kv_idx, score + _tab[h] * (q_idx - kv_idx), score * 0.5)
+
+
+def _mask_fn(b, h, q_idx, kv_idx):
+    return _keep[kv_idx] & ((kv_idx - q_idx) <= 4)
+
+
+VARIANTS = {
+    "full": V.full(),
+    "causal": V.causal(),
+    "causal_br": V.causal("bottom_right"),
+    "sliding_window": V.sliding_window(6),
+    "sliding_window+softcap": V.sliding_window(9) + V.softcap(4.0),
+    "causal+alibi": V.causal() + V.alibi(2),
+    "causal+document": V.causal() + V.document(_doc),
+    "document_nonmonotone": V.document(torch.tensor([0, 1, 2] * 14)),
+    "prefix_lm": V.prefix_lm(12),
+    "relative_bias_h+causal": V.relative_bias(_rel_h) + V.causal(),
+    "relative_bias_1": V.relative_bias(_rel_1),
+    "dense_mask_qk": V.Variant([V.DenseMask(_mask_bqk)]),
+    "dense_mask_hk": V.Variant([V.DenseMask(_mask_hk)]),
+    "dense_mask_deadrows": V.Variant([V.DenseMask(_mask_dead)]),
+    "dense_bias_hqk": V.Variant([V.DenseBias(_bias_full)]),
+    "dense_bias_q+causal": V.Variant([V.DenseBias(_bias_row), V.Causal()]),
+    "score_mod": V.score_mod(_score_fn),
+    "mask_mod_captured": V.mask_mod(_mask_fn),
+    "softcap+alibi+causal_br": V.softcap(3.0) + V.alibi(2) + V.causal("bottom_right"),
+}
+
+
+@pytest.mark.parametrize("config", CONFIGS)
+@pytest.mark.parametrize("name", list(VARIANTS))
+def test_variant_matches_reference(tmp_path, name, config):
+    run_case(tmp_path, VARIANTS[name], config=config, name=name.replace("+", "_"))
+
+
+@pytest.mark.parametrize("Sq,Sk,D,Dv,Hq,Hkv,dtype", [
+    (1, 33, 16, 16, 2, 1, torch.float16),
+    (17, 9, 24, 24, 4, 2, torch.float16),     # Sq > Sk, non-power-of-two head dim, GQA 2:1
+    (33, 47, 16, 24, 2, 2, torch.float32),    # Dv != D, fp32 (ieee dot)
+    (33, 17, 24, 40, 4, 2, torch.float16),
+])
+@pytest.mark.parametrize("variant", ["causal", "causal_br", "causal+document", "sliding_window+softcap"])
+def test_awkward_shapes(tmp_path, variant, Sq, Sk, D, Dv, Hq, Hkv, dtype):
+    var = VARIANTS[variant]
+    if variant == "causal+document":  # ids sized for this call
+        var = V.causal() + V.document(torch.arange(max(Sq, Sk)) // 5)
+    run_case(tmp_path, var, B=2, Hq=Hq, Hkv=Hkv, Sq=Sq, Sk=Sk, D=D, Dv=Dv, dtype=dtype, config=CFG_A)
+
+
+def test_batched_document_ids(tmp_path):
+    ids = torch.stack([_doc, torch.arange(40) // 5])
+    run_case(tmp_path, V.causal() + V.document(ids), B=2, Sq=33, Sk=40, config=CFG_C)
+
+
+def test_fully_masked_rows_are_zero(tmp_path):
+    # top-left sliding window with Sq > Sk: rows past Sk + window see nothing
+    out = run_case(tmp_path, V.sliding_window(3), Sq=33, Sk=8, config=CFG_A)
+    assert torch.all(out[:, :, 10:] == 0)
+
+
+@pytest.mark.parametrize("config", [pytest.param({}, id="default"),
+                                    pytest.param({"num_splits": 4, "BLOCK_N": 16}, id="4splits"),
+                                    pytest.param({"num_splits": 1, "exp2": False, "split_loop": False}, id="1split")])
+@pytest.mark.parametrize("case", [
+    dict(variant=V.causal("bottom_right"), Sq=1, Sk=70, Hq=4, Hkv=1, B=2),
+    dict(variant=V.causal("bottom_right") + V.alibi(4) + V.softcap(5.0), Sq=3, Sk=50, Hq=4, Hkv=2, D=24),
+    dict(variant=V.sliding_window(20, "bottom_right") + V.document(torch.tensor([0] * 30 + [1] * 40)),
+         Sq=4, Sk=70, Hq=2, Hkv=1),
+    dict(variant=V.relative_bias(_rel_h) + V.Variant([V.DenseBias(torch.randn(2, 1, 33))]), Sq=2, Sk=33,
+         Hq=2, Hkv=1, Dv=24),
+], ids=["causal_br_gqa4", "alibi_softcap", "sw_doc", "relbias_densebias"])
+def test_decode_split_kv(tmp_path, case, config):
+    case = dict(case)
+    var = case.pop("variant")
+    prob = make_problem(var, 1, case["Hq"], case["Hkv"], case["Sq"], case["Sk"], 16, 16, torch.float16)
+    assert default_config(prob)["path"] == "decode"
+    run_case(tmp_path, var, config=config, name="decode", **case)
+
+
+def test_hopper_knobs_run_in_interpreter(tmp_path):
+    # tensor descriptors and warp specialisation default off on the CPU but the interpreter runs them
+    for cfg in ({"tma": True}, {"tma": True, "warp_specialize": True}):
+        run_case(tmp_path, V.causal() + V.alibi(2), D=24, Dv=40, config={**CFG_A, **cfg}, name="tma")
+
+
+def test_untraceable_callable_raises(tmp_path):
+    def data_dependent(score, b, h, q_idx, kv_idx):
+        if q_idx > 3:  # Python control flow on a traced value
+            return score
+        return score * 2
+
+    prob = make_problem(V.score_mod(data_dependent), 1, 2, 1, 17, 17, 16, 16, torch.float16)
+    with pytest.raises(Untraceable, match="control flow"):
+        generate_source(prob, {})
+    assert TemplatesProposer().propose(prob, [], 4) == []
+
+
+def test_supports_and_contract(tmp_path):
+    prob = make_problem(V.causal(), 2, 4, 2, 100, 200, 24, 40, torch.float16)
+    src = generate_source(prob, {})
+    path = tmp_path / "k.py"
+    path.write_text(src)
+    kern = load_source_file(path)
+    assert kern.supports == {"dtypes": ["fp16"], "head_dims": [24], "head_dims_v": [40], "gqa": [2],
+                             "max_seqlen_q": 128, "max_seqlen_k": 256, "devices": ["cuda", "cpu"]}
+    for bad in ("try:", "except", "exec(", "eval(", "open(", "import os", "threading", "Stream",
+                "softmax", "matmul", "scaled_dot_product"):
+        assert bad not in src, bad
+    q = torch.randn(1, 4, 9, 24, dtype=torch.float16)
+    k = torch.randn(1, 2, 9, 24, dtype=torch.float16)
+    v = torch.randn(1, 2, 9, 40, dtype=torch.float16)
+    with pytest.raises(ValueError, match="out has shape"):
+        kern(q, k, v, torch.empty(1, 4, 9, 24, dtype=torch.float16), 0.2)
+    kd = load_source_file(_write(tmp_path, generate_source(make_problem(V.document(torch.zeros(9, dtype=torch.long)),
+                                                                        1, 4, 2, 100, 200, 24, 40, torch.float16))))
+    with pytest.raises(ValueError, match="missing variant tensor 'p0_doc_ids'"):
+        kd(q, k, v, torch.empty(1, 4, 9, 40, dtype=torch.float16), 0.2)
+
+
+def _write(tmp_path, src):
+    p = tmp_path / f"k{abs(hash(src)) % 10**8}.py"
+    p.write_text(src)
+    return p
+
+
+def test_non_contiguous_inputs(tmp_path):
+    g = torch.Generator().manual_seed(3)
+    B, H, S, D = 1, 2, 17, 16
+    qkv = torch.randn(B, S, 3, H, D, generator=g).half()
+    q, k, v = (qkv[:, :, i].transpose(1, 2) for i in range(3))  # (B, H, S, D) views, strided
+    assert not q.is_contiguous()
+    var = V.causal() + V.alibi(2)
+    src = generate_source(make_problem(var, B, H, H, S, S, D, D, torch.float16), CFG_A)
+    kern = load_source_file(_write(tmp_path, src))
+    out_full = torch.full((B, S, H, D), float("nan"), dtype=torch.float16)
+    out = out_full.transpose(1, 2)  # write through a strided out
+    kern(q, k, v, out, 0.25, **var.tensors())
+    assert_close_to_ref(out, reference_attention(q, k, v, var, 0.25))
+
+
+# ------------------------------------------------------------------------------------ configs
+def test_config_validation():
+    prob = make_problem(V.softcap(5.0), 1, 2, 1, 64, 64, 16, 16, torch.float16)
+    with pytest.raises(ValueError, match="unknown template knob"):
+        normalize_config(prob, {"BLOCK_K": 16})
+    with pytest.raises(ValueError, match="BLOCK_M=48"):
+        normalize_config(prob, {"BLOCK_M": 48})
+    with pytest.raises(ValueError, match="fast_tanh"):
+        normalize_config(prob, {"fast_tanh": True})
+    cpu = default_config(prob)
+    assert not cpu["tma"] and not cpu["warp_specialize"] and not cpu["fast_tanh"]
+    gpu = default_config(make_problem(V.softcap(5.0), 4, 32, 32, 4096, 4096, 128, 128, torch.bfloat16, "cuda"))
+    assert gpu["fast_tanh"] and gpu["BLOCK_M"] == 128 and gpu["path"] == "prefill"
+    dec = default_config(make_problem(V.causal("bottom_right"), 32, 32, 8, 1, 8192, 128, 128, torch.bfloat16, "cuda"))
+    assert dec["path"] == "decode"
+
+
+def _fb(cand, ok, ms):
+    return Feedback(candidate=cand, ok=ok, time_ms=ms, best_baseline_ms=1.0, best_baseline="sdpa",
+                    speedup=(1.0 / ms) if ms else None, text="")
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_proposer_rounds(device):
+    # proposals are only generated here (never run), so a "cuda" problem is fine on the CPU
+    prob = make_problem(V.causal() + V.alibi(32), 4, 32, 32, 4096, 4096, 128, 128, torch.float16, device)
+    tp = TemplatesProposer()
+    r1 = tp.propose(prob, [], 6)
+    assert len(r1) == 6
+    assert all(c.proposer == "templates" and c.language == "triton" for c in r1)
+    keys = [_config_key(c.config) for c in r1]
+    assert len(set(keys)) == 6 and len({c.hash for c in r1}) == 6
+    assert r1[0].config == normalize_config(prob, default_config(prob))  # best guess first
+    assert [c.config for c in tp.propose(prob, [], 6)] == [c.config for c in r1]  # deterministic
+    if device == "cpu":
+        assert all(not c.config["tma"] and not c.config["warp_specialize"] for c in r1)
+        assert all(c.config["BLOCK_M"] <= 32 and c.config["BLOCK_N"] <= 32 for c in r1)
+    # the third config is the fastest; the first failed
+    hist = [_fb(r1[0], False, None)] + [_fb(c, True, 2.0 + i) for i, c in enumerate(r1[1:])]
+    hist[2] = _fb(r1[2], True, 0.5)
+    r2 = tp.propose(prob, hist, 6)
+    assert r2, "no second-round proposals"
+    seen = set(keys)
+    best = r1[2].config
+    for c in r2:
+        assert _config_key(c.config) not in seen, "repeated a config from history"
+    diffs = [sum(c.config[k] != best[k] for k in best) for c in r2]
+    assert diffs[0] == 1, "first proposal of round two must be a neighbour of the fastest config"
+    assert len({_config_key(c.config) for c in r2}) == len(r2)
+    r2b = tp.propose(prob, hist, 6)
+    assert [c.config for c in r2b] == [c.config for c in r2]
+    # round three: the space shrinks but nothing repeats
+    hist3 = hist + [_fb(c, True, 3.0) for c in r2]
+    r3 = tp.propose(prob, hist3, 6)
+    all_keys = {_config_key(h.candidate.config) for h in hist3}
+    assert all(_config_key(c.config) not in all_keys for c in r3)
+
+
+def test_proposer_avoids_values_that_only_failed():
+    prob = make_problem(V.causal(), 4, 32, 32, 4096, 4096, 128, 128, torch.bfloat16, "cuda")
+    tp = TemplatesProposer()
+    r1 = tp.propose(prob, [], 12)
+    tma = [c for c in r1 if c.config["tma"]]
+    assert len(tma) >= 2
+    hist = [_fb(c, not c.config["tma"], 1.0 + 0.1 * i) for i, c in enumerate(r1)]
+    r2 = tp.propose(prob, hist, 20)
+    assert r2 and all(not c.config["tma"] for c in r2)
+
+
+# ---------------------------------------------------------------------------------------- GPU
+GPU_VARIANTS = {
+    "causal": lambda S, H: V.causal(),
+    "sliding_window": lambda S, H: V.sliding_window(256),
+    "alibi_causal": lambda S, H: V.causal() + V.alibi(H),
+    "softcap_causal": lambda S, H: V.causal() + V.softcap(50.0),
+    "document_causal": lambda S, H: V.causal() + V.document(torch.arange(S) // (S // 8)),
+    "prefix_lm": lambda S, H: V.prefix_lm(S // 4),
+    "relbias_causal": lambda S, H: V.causal() + V.relative_bias(torch.randn(H, 2 * S - 1) * 0.5),
+    "full": lambda S, H: V.full(),
+    "dense_bias": lambda S, H: V.Variant([V.DenseBias(torch.randn(1, H, S, S))]),
+}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("D", [64, 128, 80])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("name", list(GPU_VARIANTS))
+def test_gpu_real_shapes(tmp_path, name, dtype, D):
+    B, H, S = 2, 8, 1024
+    var = GPU_VARIANTS[name](S, H)
+    prob = make_problem(var, B, H, H, S, S, D, D, dtype, "cuda")
+    for i, cfg in enumerate(c.config for c in TemplatesProposer().propose(prob, [], 3)):
+        run_case(tmp_path, var, B=B, Hq=H, Hkv=H, Sq=S, Sk=S, D=D, dtype=dtype, config=cfg, device="cuda",
+                 check_dtype=torch.float32, name=f"{name}_{i}")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("cfg", [{}, {"tma": True}, {"tma": True, "warp_specialize": True, "num_warps": 4},
+                                 {"fold_scale": True}])
+def test_gpu_gqa_and_hopper_knobs(tmp_path, cfg):
+    run_case(tmp_path, V.causal(), B=2, Hq=8, Hkv=2, Sq=1000, Sk=1000, D=128, dtype=torch.bfloat16, config=cfg,
+             device="cuda", check_dtype=torch.float32)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("Sq", [1, 4])
+def test_gpu_decode(tmp_path, Sq):
+    run_case(tmp_path, V.causal("bottom_right"), B=4, Hq=32, Hkv=8, Sq=Sq, Sk=4099, D=128, dtype=torch.bfloat16,
+             device="cuda", check_dtype=torch.float32)

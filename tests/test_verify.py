@@ -1,0 +1,303 @@
+"""The verifier on the CPU (Triton interpreter): bad candidates are rejected for the right reason,
+the test process survives every one of them, and a correct kernel passes.
+
+Shapes are tiny and the protocol is :meth:`Protocol.quick` so the whole file runs in about a
+minute on two cores; the protocol's defaults (more seeds, distributions, every edge shape) are
+what the search uses.
+"""
+
+import json
+import os
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from torch_r1attn import variants as V
+from torch_r1attn.config import Settings
+from torch_r1attn.problem import Problem
+from torch_r1attn.search.base import Candidate, Feedback
+from torch_r1attn.spec import AttentionSpec, length_bucket
+from torch_r1attn.verify import Protocol, VerifierPool, VerifyResult, verify
+from torch_r1attn.verify import check as C
+from torch_r1attn.verify.result import make_feedback
+
+KERNELS = Path(__file__).parent / "kernels"
+BLOCK = 16  # the fixture kernels' CPU block size
+
+
+def src(name: str, causal: bool = False, bottom_right: bool = False) -> str:
+    s = (KERNELS / name).read_text()
+    if causal:
+        s = s.replace("CAUSAL = False", "CAUSAL = True", 1)
+    if bottom_right:
+        s = s.replace("BOTTOM_RIGHT = False", "BOTTOM_RIGHT = True", 1)
+    return s
+
+
+def make_problem(variant=None, dtype="fp16", d=32, dv=32, gqa=2, sq=32, sk=32,
+                 edges=((17, 17), (1, 31))) -> Problem:
+    variant = variant or V.causal()
+    spec = AttentionSpec(dtype, d, dv, gqa, variant.key, length_bucket(sq), length_bucket(sk))
+    hkv = 2
+    return Problem(spec=spec, variant=variant, shape=(1, hkv * gqa, hkv, sq, sk), device="cpu",
+                   edge_shapes=[(1, hkv * gqa, hkv, a, b) for a, b in edges])
+
+
+@pytest.fixture(scope="module")
+def pool():
+    with VerifierPool(1, protocol=Protocol.quick(), timeout_s=120) as p:
+        yield p
+
+
+@pytest.fixture(scope="module")
+def causal_problem():
+    return make_problem()
+
+
+def failing(r: VerifyResult) -> str:
+    f = r.failed_checks
+    return f[0].name if f else ""
+
+
+# ------------------------------------------------------------------------------ correct kernels
+def test_good_kernel_passes(pool, causal_problem):
+    r = pool.verify(Candidate(src("good_attention.py", causal=True)), causal_problem)
+    assert r.verdict == "pass", r.feedback
+    assert r.ok and r.compiled
+    assert not r.timing_meaningful and r.time_ms is None and r.speedup is None and not r.wins
+    names = {c.name for c in r.checks}
+    assert {"values", "written", "inputs_unchanged", "deterministic", "consecutive_calls", "stream_order"} <= names
+    assert all(c.passed for c in r.checks)
+
+
+@pytest.mark.parametrize("dtype, gqa, d, dv, sq, sk", [
+    ("fp32", 1, 16, 16, 32, 32),
+    ("fp16", 4, 64, 32, 16, 48),
+])
+def test_good_kernel_passes_full(pool, dtype, gqa, d, dv, sq, sk):
+    p = make_problem(V.full(), dtype=dtype, d=d, dv=dv, gqa=gqa, sq=sq, sk=sk, edges=((9, 33),))
+    r = pool.verify(Candidate(src("good_attention.py")), p)
+    assert r.verdict == "pass", r.feedback
+
+
+def test_fully_masked_rows_must_be_zero(pool):
+    # bottom-right causal with Sq > Sk: the first Sq - Sk query rows see no key at all
+    p = make_problem(V.causal("bottom_right"), sq=32, sk=32, edges=((33, 17),))
+    good = src("good_attention.py", causal=True, bottom_right=True)
+    r = pool.verify(Candidate(good), p)
+    assert r.verdict == "pass", r.feedback
+    assert "all 0" in r.check("masked_rows").detail
+    # the same kernel without the "no allowed key -> 0" guard divides 0 by 0 on those rows
+    nan_rows = good.replace("l_safe = tl.where(l_i == 0.0, 1.0, l_i)", "l_safe = l_i")
+    r = pool.verify(Candidate(nan_rows), p)
+    assert r.verdict == "fail" and failing(r) == "masked_rows", r.feedback
+    assert "must be 0" in r.check("masked_rows").detail
+
+
+# ----------------------------------------------------------------------------- wrong kernels
+def test_wrong_math(pool, causal_problem):
+    r = pool.verify(Candidate(src("bad_wrong_math.py", causal=True)), causal_problem)
+    assert r.verdict == "fail" and failing(r) == "values", r.feedback
+    w = r.check("values").data["worst"]
+    assert set(w) >= {"pos", "got", "ref", "err", "bound"} and w["err"] > w["bound"]
+    assert "at (b,h,q,d)=" in r.feedback  # the worst element reaches the next prompt
+
+
+def test_partial_write(pool, causal_problem):
+    r = pool.verify(Candidate(src("bad_partial_write.py", causal=True)), causal_problem)
+    assert r.verdict == "fail" and failing(r) == "written", r.feedback
+    assert "NaN" in r.check("written").detail
+
+
+def test_mutates_input(pool, causal_problem):
+    r = pool.verify(Candidate(src("bad_mutates_input.py", causal=True)), causal_problem)
+    assert r.verdict == "fail" and failing(r) == "inputs_unchanged", r.feedback
+    assert r.check("inputs_unchanged").data["worst"]["input"] == "k"
+    assert r.check("values").passed  # its output is right: only the mutation check can see it
+
+
+def test_correct_on_normal_inputs_only(pool, causal_problem):
+    r = pool.verify(Candidate(src("bad_clamps_inputs.py", causal=True)), causal_problem)
+    assert r.verdict == "fail" and failing(r) == "values", r.feedback
+    failed = r.check("values").data["failed_trials"]
+    assert failed and all(not t.startswith("normal#") for t in failed), failed  # N(0,1) itself passes
+
+
+def test_correct_only_at_block_multiples(pool, causal_problem):
+    r = pool.verify(Candidate(src("bad_block_multiple_only.py", causal=True)), causal_problem)
+    assert r.verdict == "fail" and failing(r) == "values", r.feedback
+    failed = r.check("values").data["failed_trials"]
+    assert failed and all(t.startswith("edge") for t in failed), failed  # Sk=32 (a multiple) passes
+    assert all(int(t.split("Sk")[-1]) % BLOCK for t in failed)
+
+
+def test_nondeterministic(pool, causal_problem):
+    cand = Candidate(src("bad_nondeterministic.py", causal=True))
+    r = pool.verify(cand, causal_problem)
+    assert r.verdict == "rejected" and "_STATE" in r.reason  # the counter is hidden state
+    r = pool.verify(cand, causal_problem, static=False)
+    assert r.verdict == "fail" and failing(r) == "deterministic", r.feedback
+    assert r.check("values").passed  # each output alone is within the bound
+
+
+def test_drifts_after_first_calls(pool, causal_problem):
+    cand = Candidate(src("bad_drifts.py", causal=True))
+    assert pool.verify(cand, causal_problem).verdict == "rejected"
+    r = pool.verify(cand, causal_problem, static=False)
+    assert r.verdict == "fail" and failing(r) == "consecutive_calls", r.feedback
+    assert r.check("consecutive_calls").data["worst"]["call"] == 3
+
+
+@pytest.mark.parametrize("name, needle", [
+    ("bad_sdpa_cheat.py", "scaled_dot_product_attention"),
+    ("bad_try_except.py", "try/except"),
+])
+def test_static_rejections(pool, causal_problem, name, needle):
+    r = pool.verify(Candidate(src(name)), causal_problem)
+    assert r.verdict == "rejected" and not r.ok and not r.compiled
+    assert failing(r) == "static" and needle in r.check("static").detail, r.feedback
+
+
+def test_compile_error(pool, causal_problem):
+    bad = src("good_attention.py", causal=True).replace("m_i = tl.full(", "m_i = tl.no_such_function(", 1)
+    r = pool.verify(Candidate(bad), causal_problem)
+    assert r.verdict == "error" and not r.compiled, r.feedback
+    assert failing(r) == "run" and "no_such_function" in r.feedback
+
+
+def test_import_error(pool, causal_problem):
+    r = pool.verify(Candidate("import torch\nSUPPORTS = {}\nx = torch.empty(1).shape[5]\n"
+                              "def forward(q, k, v, out, scale):\n    pass\n"), causal_problem)
+    assert r.verdict == "error" and not r.compiled and failing(r) == "load", r.feedback
+    assert "IndexError" in r.feedback
+
+
+def test_unsupported_dtype_fails(pool, causal_problem):
+    s = src("good_attention.py", causal=True).replace('"dtypes": ["fp16", "bf16", "fp32"]', '"dtypes": ["bf16"]')
+    r = pool.verify(Candidate(s), causal_problem)
+    assert r.verdict == "fail" and failing(r) == "supports", r.feedback
+
+
+# ---------------------------------------------------------------------- isolation of faults
+@pytest.mark.slow
+def test_hang_is_killed_by_timeout(causal_problem):
+    with VerifierPool(1, protocol=Protocol.quick(), timeout_s=4) as p:
+        w = p._take("cpu")
+        pid = w.proc.pid
+        p._give_back(w)
+        t0 = time.monotonic()
+        r = p.verify(Candidate(src("bad_hangs.py")), causal_problem)
+        assert time.monotonic() - t0 < 30
+        assert r.verdict == "timeout" and not r.ok, r.feedback
+        assert "trial 0" in r.reason  # says where it hung
+        with pytest.raises(ProcessLookupError):
+            os.killpg(pid, 0)  # the whole process group is gone
+        # the pool replaces the worker and carries on
+        assert p.verify(Candidate(src("good_attention.py", causal=True)), causal_problem).verdict == "pass"
+
+
+@pytest.mark.parametrize("name, needle", [("bad_segfault.py", "SIGSEGV"), ("bad_os_exit.py", "status 0")])
+def test_crash_is_contained(pool, causal_problem, name, needle):
+    cand = Candidate(src(name))
+    r = pool.verify(cand, causal_problem)
+    assert r.verdict == "rejected"  # ctypes / os: refused statically ...
+    r = pool.verify(cand, causal_problem, static=False)  # ... and contained when run anyway
+    assert r.verdict == "crash" and not r.ok and needle in r.reason, r.reason
+    # this process is unharmed and the pool's next worker works
+    assert torch.ones(3).sum().item() == 3.0
+    assert pool.verify(Candidate(src("good_attention.py", causal=True)), causal_problem).verdict == "pass"
+
+
+def test_print_cannot_forge_protocol(pool, causal_problem):
+    forged = src("good_attention.py", causal=True).replace(
+        "def forward(q, k, v, out, scale, **variant_tensors):",
+        "def forward(q, k, v, out, scale, **variant_tensors):\n    print('{\"ev\": \"done\", \"fatal\": false}')")
+    r = pool.verify(Candidate(forged), causal_problem)
+    assert r.verdict == "pass", r.feedback  # the print went to the log, not the protocol pipe
+
+
+# ------------------------------------------------------------------------------ pool and API
+@pytest.mark.slow
+def test_verify_many_and_reverify_fresh(causal_problem):
+    cands = [Candidate(src("good_attention.py", causal=True)), Candidate(src("bad_wrong_math.py", causal=True)),
+             Candidate(src("bad_partial_write.py", causal=True))]
+    with VerifierPool(2, protocol=Protocol.quick(), timeout_s=120) as p:
+        rs = p.verify_many(cands, causal_problem)
+        assert [r.verdict for r in rs] == ["pass", "fail", "fail"]
+        assert [failing(r) for r in rs[1:]] == ["values", "written"]
+        idle = {w.proc.pid for w in p._idle}
+        r = p.reverify_fresh(cands[0], causal_problem)
+        assert r.verdict == "pass"
+        assert {w.proc.pid for w in p._idle} == idle  # the fresh worker was not kept
+
+
+def test_verify_function_without_pool(causal_problem):
+    r = verify(Candidate(src("good_attention.py", causal=True)), causal_problem, protocol=Protocol.quick(),
+               settings=Settings(win_margin=0.05), timeout_s=120)
+    assert r.verdict == "pass" and r.win_margin == 0.05
+    with pytest.raises(ValueError):
+        verify(Candidate("x"), causal_problem, pool=object(), timeout_s=1)  # type: ignore[arg-type]
+    with pytest.raises(TypeError):
+        verify("not a candidate", causal_problem, protocol=Protocol.quick())  # type: ignore[arg-type]
+
+
+def test_result_serialisation_and_feedback(pool, causal_problem):
+    cand = Candidate(src("bad_wrong_math.py", causal=True))
+    r = pool.verify(cand, causal_problem)
+    d = json.loads(json.dumps(r.to_dict()))
+    assert d["verdict"] == "fail" and d["wins"] is False
+    back = VerifyResult.from_dict(d)
+    assert back.verdict == r.verdict and back.check("values").data["failed_trials"]
+    fb = r.to_feedback(cand)
+    assert isinstance(fb, Feedback) and fb.ok is False and fb.text == r.feedback
+    assert r.feedback.startswith("verdict: fail") and "first failing check: values" in r.feedback
+    assert len(make_feedback(r, max_chars=200)) <= 200
+
+
+def test_protocol_validation():
+    with pytest.raises(ValueError, match="calls"):
+        Protocol(calls=1)
+    with pytest.raises(ValueError, match="distributions"):
+        Protocol(distributions=("cauchy",))
+    with pytest.raises(ValueError):
+        VerifierPool(0)
+    with pytest.raises(ValueError):
+        VerifyResult(ok=False, compiled=False, verdict="maybe", reason="")
+
+
+# --------------------------------------------------------------------------- protocol pieces
+def test_trials_cover_distributions_edges_and_calls():
+    p = make_problem(V.full(), edges=((1, 1), (17, 33), (31, 9)))
+    prot = Protocol(seeds=2, max_edge_shapes=None, calls=4)
+    trials = C.make_trials(p, prot)
+    assert {t.dist for t in trials} == set(C.DISTRIBUTIONS)
+    assert sum(1 for t in trials if not t.name.startswith("edge")) == 2 * len(C.DISTRIBUTIONS)
+    assert [t.shape for t in trials if t.name.startswith("edge")] == p.edge_shapes
+    assert trials[0].calls == 4 and all(t.calls == 1 for t in trials[1:])
+    assert len({t.seed for t in trials}) == len(trials)  # fresh inputs per trial
+    again = C.make_trials(p, prot)
+    assert all(torch.equal(a.q, b.q) for a, b in zip(trials, again))  # deterministic seeds
+    big = [t for t in trials if t.dist == "normal_x8"][0]
+    assert big.q.float().abs().max() > 8  # large magnitudes really occur
+
+
+def test_dense_mask_gets_a_masked_rows_trial():
+    mask = torch.rand(1, 1, 32, 32) > 0.3
+    p = make_problem(V.Variant((V.DenseMask(mask),)), edges=())
+    trials = C.make_trials(p, Protocol.quick())
+    dead = [t for t in trials if t.name.startswith("masked-rows")]
+    assert len(dead) == 1
+    C.prepare_references(dead)
+    assert dead[0].dead_rows is not None and dead[0].dead_rows.any()
+    assert dead[0].ref[dead[0].dead_rows].abs().max() == 0
+
+
+def test_tolerance_and_pair_counting():
+    assert C.tolerance(torch.float16, 1e-3) == pytest.approx(2e-3 + C.ATOL[torch.float16])
+    with pytest.raises(TypeError):
+        C.tolerance(torch.int32, 0.0)
+    assert C.allowed_pairs(V.full(), 2, 3, 5, 7) == 2 * 3 * 5 * 7
+    assert C.allowed_pairs(V.causal(), 1, 1, 4, 4) == 10  # 1 + 2 + 3 + 4
+    assert C.allowed_pairs(V.sliding_window(2), 1, 2, 4, 4) == 2 * 7

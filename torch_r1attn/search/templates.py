@@ -1,0 +1,779 @@
+"""The built-in proposer: Triton flash-attention kernels specialised to one signature.
+
+:func:`generate_source` turns a :class:`~torch_r1attn.problem.Problem` and a *config* (the knobs
+below) into a complete kernel module following the kernel contract of :mod:`torch_r1attn.loader`.
+The variant's parts become code through :mod:`torch_r1attn.search.codegen`.
+
+Two kernel families:
+
+* **prefill** (FA2-style, one program per (query block, batch x query head)): the kv loop is
+  split into masked boundary blocks and unmasked interior blocks using each part's block-range
+  rule (causal / sliding window / prefix-LM analytically, documents from a per-query-block range
+  table built on the device), so only boundary blocks pay for masking and blocks that hold no
+  allowed pair are never visited. GQA reads kv head ``h // gqa`` (K/V are not repeated).
+* **decode** (``sq_bucket <= 16``): split-KV. One program per (row block, batch x kv head,
+  split) packs every GQA query head of one kv head (x Sq rows) into the M dimension, so K/V are
+  read once per kv head; a combine kernel merges the splits by log-sum-exp.
+
+Knobs (keys of ``config``)::
+
+    path             "prefill" | "decode"
+    BLOCK_M, BLOCK_N tile sizes (powers of two, 16..256)
+    num_warps, num_stages
+    exp2             online softmax in base 2 (scale * log2(e) folded into the score multiply)
+    fold_scale       multiply q by the score scale once instead of every score tile
+    split_loop       separate masked / unmasked kv loops (off: one masked loop)
+    reverse_m        launch the heaviest query blocks first (causal-like masks)
+    fast_tanh        tanh.approx.f32 inline asm (CUDA only; soft-cap and traced tanh)
+    tma              Hopper tensor descriptors (``tl.make_tensor_descriptor``) for Q/K/V/O
+    warp_specialize  ``tl.range(..., warp_specialize=True)`` on the kv loop
+    num_splits       decode: kv splits (0 = enough to fill the GPU twice)
+
+The Hopper knobs and ``fast_tanh`` default off on the CPU and are searched on CUDA only
+(``fast_tanh`` is refused on the CPU: the interpreter cannot run inline asm; ``tma`` and
+``warp_specialize`` may be asked for explicitly, the interpreter runs them, which the tests use). :class:`TemplatesProposer` proposes a deterministic spread of configs first
+(best guesses first), then neighbours of the fastest correct ones, never repeating a config.
+"""
+
+from __future__ import annotations
+
+import logging
+import pprint
+from typing import Any
+
+from .. import variants as V
+from ..problem import Problem
+from .base import Candidate, Feedback
+from .codegen import HELPERS, LOG2E, Ctx, Untraceable, VariantCode, variant_code
+
+log = logging.getLogger(__name__)
+
+__all__ = ["TemplatesProposer", "generate_source", "default_config", "normalize_config", "Untraceable"]
+
+_POW2 = (16, 32, 64, 128, 256)
+KNOB_VALUES: dict[str, tuple] = {
+    "path": ("prefill", "decode"),
+    "BLOCK_M": _POW2,
+    "BLOCK_N": _POW2,
+    "num_warps": (2, 4, 8),
+    "num_stages": (1, 2, 3, 4, 5),
+    "exp2": (True, False),
+    "fold_scale": (False, True),
+    "split_loop": (True, False),
+    "reverse_m": (True, False),
+    "fast_tanh": (True, False),
+    "tma": (False, True),
+    "warp_specialize": (False, True),
+    "num_splits": (0, 1, 2, 4, 8, 16, 32),
+}
+_CUDA_ONLY = ("fast_tanh", "tma", "warp_specialize")
+
+
+# ------------------------------------------------------------------------------------ configs
+def _is_cpu(problem: Problem) -> bool:
+    return str(problem.device).startswith("cpu")
+
+
+def _pow2_at_least(n: int, lo: int = 16) -> int:
+    p = lo
+    while p < n:
+        p *= 2
+    return p
+
+
+def _causal_like(variant: V.Variant) -> bool:
+    return any(isinstance(p, (V.Causal, V.SlidingWindow, V.PrefixLM)) for p in variant.parts)
+
+
+def _uses_tanh(variant: V.Variant) -> bool:
+    return any(isinstance(p, (V.Softcap, V.ScoreMod, V.MaskMod)) or type(p).__name__ == "_OpaqueCallablePart"
+               for p in variant.parts)
+
+
+def default_config(problem: Problem) -> dict[str, Any]:
+    """A good first guess for ``problem`` (every knob set)."""
+    spec = problem.spec
+    cpu = _is_cpu(problem)
+    decode = spec.sq_bucket <= 16
+    d = max(spec.head_dim, spec.head_dim_v)
+    cfg: dict[str, Any] = {
+        "path": "decode" if decode else "prefill",
+        "exp2": True, "fold_scale": False, "split_loop": True,
+        "reverse_m": _causal_like(problem.variant),
+        "fast_tanh": not cpu, "tma": False, "warp_specialize": False, "num_splits": 0,
+    }
+    if cpu:
+        cfg.update(BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=1)
+        if decode:
+            cfg["BLOCK_M"] = min(64, _pow2_at_least(spec.gqa * spec.sq_bucket))
+            cfg["num_splits"] = 2
+        return cfg
+    if decode:
+        # rows = every query head of one kv head x Sq; K/V tiles stream from HBM, 128 keys/tile
+        # keep enough bytes in flight at D=128 (the decode peer reads 4.2 TB/s)
+        cfg.update(BLOCK_M=min(128, _pow2_at_least(spec.gqa * spec.sq_bucket)),
+                   BLOCK_N=64 if d > 128 else 128, num_warps=4, num_stages=3)
+        return cfg
+    if spec.dtype == "fp32":
+        cfg.update(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2)
+    elif d <= 64:
+        cfg.update(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3)
+    elif d <= 128:
+        # Triton tutorial 06 (H100, D=128 fp16): BLOCK_M=128, BLOCK_N=64..128, 8 warps, 3 stages
+        cfg.update(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3)
+    else:
+        cfg.update(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2)
+    return cfg
+
+
+def normalize_config(problem: Problem, config: dict[str, Any] | None) -> dict[str, Any]:
+    """``default_config(problem)`` overridden by ``config``, validated.
+
+    Raises ValueError for an unknown knob, a value outside the knob's range, or a CUDA-only
+    knob switched on for a CPU (interpreter) problem."""
+    cfg = default_config(problem)
+    for k, val in (config or {}).items():
+        if k not in KNOB_VALUES:
+            raise ValueError(f"unknown template knob {k!r} (known: {sorted(KNOB_VALUES)})")
+        if val not in KNOB_VALUES[k] or isinstance(val, bool) != isinstance(KNOB_VALUES[k][0], bool):
+            raise ValueError(f"template knob {k}={val!r} is not one of {KNOB_VALUES[k]}")
+        cfg[k] = val
+    if _is_cpu(problem) and cfg["fast_tanh"]:
+        if (config or {}).get("fast_tanh"):
+            raise ValueError("template knob fast_tanh=True needs CUDA; the CPU interpreter cannot run inline asm")
+        cfg["fast_tanh"] = False
+    if cfg["path"] == "decode":
+        cfg["tma"] = cfg["warp_specialize"] = False  # the decode kernel gathers rows across heads
+    if not _uses_tanh(problem.variant):
+        cfg["fast_tanh"] = False  # no tanh in the kernel: keep one canonical config
+    return cfg
+
+
+def _config_key(cfg: dict[str, Any]) -> tuple:
+    return tuple(sorted(cfg.items()))
+
+
+# ------------------------------------------------------------------------------------- source
+def _indent(lines: list[str], n: int) -> list[str]:
+    return [(" " * n + ln) if ln else ln for ln in lines]
+
+
+def _score_lines(vc: VariantCode, cfg: dict[str, Any]) -> tuple[list[str], float]:
+    """Score-part lines for the tile and the factor the launcher multiplies the scale by."""
+    lines = vc.lines("score")
+    factor = 1.0
+    log2_done = False
+    if vc.softcap_first is not None:
+        cap = vc.softcap_first
+        first = f"s = _tanh(s * {1.0 / cap!r}, FAST_TANH) * {cap!r}"
+        i = lines.index(first)
+        factor = 1.0 / cap  # fold 1/cap into the qk multiply: one multiply fewer per element
+        if cfg["exp2"] and i == len(lines) - 1:
+            lines[i] = f"s = _tanh(s, FAST_TANH) * {cap * LOG2E!r}"
+            log2_done = True
+        else:
+            lines[i] = f"s = _tanh(s, FAST_TANH) * {cap!r}"
+    if lines and cfg["exp2"] and not log2_done:
+        lines.append(f"s = s * {LOG2E!r}")
+    if not lines and cfg["exp2"]:
+        factor = LOG2E  # s is born in base-2 units
+    return lines, factor
+
+
+def _loop(kind: str, start: str, end: str, masked: bool, cfg: dict[str, Any], vc: VariantCode,
+          score: list[str], even_d: bool, even_dv: bool, prec: str) -> list[str]:
+    ws = ", warp_specialize=True" if cfg["warp_specialize"] else ""
+    rng = f"tl.range({start}, {end}, BLOCK_N{ws})" if ws else f"range({start}, {end}, BLOCK_N)"
+    dm = "" if even_d else "offs_d[None, :] < D"
+    dvm = "" if even_dv else "offs_dv[None, :] < DV"
+
+    def mask(*ms):
+        ms = [m for m in ms if m]
+        return f", mask={' & '.join(f'({m})' for m in ms)}, other=0.0" if ms else ""
+
+    ex = "tl.exp2" if cfg["exp2"] else "tl.exp"
+    body = [
+        "kv_idx = start_n + offs_n",
+        "kv_r = kv_idx[None, :]",
+        "kv_ok = kv_idx < Sk",
+        "kv_ok_r = kv_ok[None, :]",
+    ]
+    if kind == "prefill" and cfg["tma"]:
+        body += ["if USE_TMA:", "    k = k_desc.load([start_n, 0])", "else:",
+                 f"    k = tl.load(k_base + kv_idx[:, None] * skn + offs_d[None, :] * skd{mask('kv_ok[:, None]' if masked else '', dm)})"]
+    else:
+        body.append(f"k = tl.load(k_base + kv_idx[:, None] * skn + offs_d[None, :] * skd{mask('kv_ok[:, None]' if masked else '', dm)})")
+    body.append(f"qk = tl.dot(q, tl.trans(k){prec})")
+    body.append("s = qk" if cfg["fold_scale"] else "s = qk * qk_mul")
+    body += score
+    if masked:
+        body.append("allowed = kv_ok_r")
+        body += vc.lines("mask")
+        body.append('s = tl.where(allowed, s, float("-inf"))')
+    body += [
+        "m_new = tl.maximum(m_i, tl.max(s, 1))",
+        # a row with nothing allowed yet keeps m = -inf; subtract 0 there so p = 0, not NaN
+        'm_use = tl.where(m_new == float("-inf"), 0.0, m_new)',
+        f"p = {ex}(s - m_use[:, None])",
+        f"alpha = {ex}(m_i - m_use)",
+        "l_i = l_i * alpha + tl.sum(p, 1)",
+        "acc = acc * alpha[:, None]",
+    ]
+    vload = f"v = tl.load(v_base + kv_idx[:, None] * svn + offs_dv[None, :] * svd{mask('kv_ok[:, None]' if masked else '', dvm)})"
+    if kind == "prefill" and cfg["tma"]:
+        body += ["if USE_TMA:", "    v = v_desc.load([start_n, 0])", "else:", "    " + vload]
+    else:
+        body.append(vload)
+    body += [f"acc = tl.dot(p.to(v.dtype), v, acc{prec})", "m_i = m_new"]
+    return [f"for start_n in {rng}:"] + _indent(body, 4)
+
+
+_RANGE_TAIL = [
+    "lo = tl.maximum(lo, 0)",
+    "hi = tl.minimum(hi, Sk)",
+    "flo = tl.maximum(flo, lo)",
+    "fhi = tl.minimum(fhi, hi)",
+    "lo = (lo // BLOCK_N) * BLOCK_N",
+    "f0 = ((flo + BLOCK_N - 1) // BLOCK_N) * BLOCK_N",
+    "f1 = (fhi // BLOCK_N) * BLOCK_N",
+    "no_full = f1 <= f0",
+    "f0 = tl.where(no_full, lo, f0)",
+    "f1 = tl.where(no_full, lo, f1)",
+]
+
+
+def _loops(kind, cfg, vc, score, even_d, even_dv, prec) -> list[str]:
+    out = [
+        'm_i = tl.full([BLOCK_M], float("-inf"), tl.float32)',
+        "l_i = tl.zeros([BLOCK_M], tl.float32)",
+        "acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)",
+    ]
+    if cfg["split_loop"]:
+        out += ["# boundary blocks before the fully-allowed run (masked)"]
+        out += _loop(kind, "lo", "f0", True, cfg, vc, score, even_d, even_dv, prec)
+        out += ["# fully-allowed interior blocks: no per-element mask"]
+        out += _loop(kind, "f0", "f1", False, cfg, vc, score, even_d, even_dv, prec)
+        out += ["# boundary blocks after it (masked; includes the kv edge)"]
+        out += _loop(kind, "f1", "hi", True, cfg, vc, score, even_d, even_dv, prec)
+    else:
+        out += _loop(kind, "lo", "hi", True, cfg, vc, score, even_d, even_dv, prec)
+    return out
+
+
+def _kernel_params(vc: VariantCode) -> str:
+    return "".join(f"{p}, " for p in vc.params)
+
+
+def _prefill_kernel(vc, cfg, score, even_d, even_dv, prec) -> list[str]:
+    dm = "" if even_d else " & (offs_d[None, :] < D)"
+    dvm = "" if even_dv else " & (offs_dv[None, :] < DV)"
+    fold = ["q = (q * qk_mul).to(q.dtype)"] if cfg["fold_scale"] else []
+    tma = cfg["tma"]
+    head = [
+        "@triton.jit",
+        "def _attn_fwd(Q, K, V, O, qk_mul, sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd,",
+        "              sob, soh, som, sod, H, Sq, Sk, OFFSET, NUM_M, " + _kernel_params(vc),
+        "              GQA: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, BLOCK_M: tl.constexpr,",
+        "              BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,",
+        "              FAST_TANH: tl.constexpr, USE_TMA: tl.constexpr):",
+    ]
+    b = [
+        "pid = tl.program_id(0)",
+        "start_m = NUM_M - 1 - pid" if cfg["reverse_m"] else "start_m = pid",
+        "off_bh = tl.program_id(1)",
+        "off_b = off_bh // H",
+        "off_h = off_bh % H",
+        "off_hk = off_h // GQA",
+        "zero = pid * 0",
+        "offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)",
+        "offs_n = tl.arange(0, BLOCK_N)",
+        "offs_d = tl.arange(0, BLOCK_D)",
+        "offs_dv = tl.arange(0, BLOCK_DV)",
+        "row_ok = offs_m < Sq",
+        "row_ok_c = row_ok[:, None]",
+        "q_pos = offs_m + OFFSET",
+        "q_pos_c = q_pos[:, None]",
+        "q_idx_c = offs_m[:, None]",
+        "h_c = off_h",
+        "qmin = zero + start_m * BLOCK_M + OFFSET",
+        "qmax = tl.minimum(zero + start_m * BLOCK_M + BLOCK_M, Sq) - 1 + OFFSET",
+        "_QBLK = start_m",
+        "_NQBLK_RT = NUM_M",
+        "off_b64 = off_b.to(tl.int64)",
+        "q_base = Q + off_b64 * sqb + off_h.to(tl.int64) * sqh",
+        "k_base = K + off_b64 * skb + off_hk.to(tl.int64) * skh",
+        "v_base = V + off_b64 * svb + off_hk.to(tl.int64) * svh",
+        "o_base = O + off_b64 * sob + off_h.to(tl.int64) * soh",
+    ]
+    qload = f"q = tl.load(q_base + offs_m[:, None] * sqm + offs_d[None, :] * sqd, mask=row_ok_c{dm}, other=0.0)"
+    if tma:
+        b += [
+            "if USE_TMA:",
+            "    q_desc = tl.make_tensor_descriptor(q_base, shape=[Sq, D], strides=[sqm, 1], block_shape=[BLOCK_M, BLOCK_D])",
+            "    k_desc = tl.make_tensor_descriptor(k_base, shape=[Sk, D], strides=[skn, 1], block_shape=[BLOCK_N, BLOCK_D])",
+            "    v_desc = tl.make_tensor_descriptor(v_base, shape=[Sk, DV], strides=[svn, 1], block_shape=[BLOCK_N, BLOCK_DV])",
+            "    o_desc = tl.make_tensor_descriptor(o_base, shape=[Sq, DV], strides=[som, 1], block_shape=[BLOCK_M, BLOCK_DV])",
+            "    q = q_desc.load([start_m * BLOCK_M, 0])",
+            "else:",
+            "    " + qload,
+        ]
+    else:
+        b.append(qload)
+    b += fold + vc.lines("prologue")
+    b += ["lo = zero", "hi = zero + Sk", "flo = zero", "fhi = zero + Sk"] + vc.lines("ranges") + _RANGE_TAIL
+    b += _loops("prefill", cfg, vc, score, even_d, even_dv, prec)
+    b += [
+        "l_safe = tl.where(l_i == 0.0, 1.0, l_i)",  # fully-masked rows: acc is 0, output 0
+        "o = (acc / l_safe[:, None]).to(O.dtype.element_ty)",
+    ]
+    ostore = f"tl.store(o_base + offs_m[:, None] * som + offs_dv[None, :] * sod, o, mask=row_ok_c{dvm})"
+    if tma:
+        b += ["if USE_TMA:", "    o_desc.store([start_m * BLOCK_M, 0], o)", "else:", "    " + ostore]
+    else:
+        b.append(ostore)
+    return head + _indent(b, 4)
+
+
+def _decode_kernels(vc, cfg, score, even_d, even_dv, prec) -> list[str]:
+    dm = "" if even_d else " & (offs_d[None, :] < D)"
+    fold = ["q = (q * qk_mul).to(q.dtype)"] if cfg["fold_scale"] else []
+    head = [
+        "@triton.jit",
+        "def _attn_decode(Q, K, V, ACC, LSE, qk_mul, sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd,",
+        "                 HKV, Sq, Sk, OFFSET, CHUNK, NS, " + _kernel_params(vc),
+        "                 GQA: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, BLOCK_M: tl.constexpr,",
+        "                 BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,",
+        "                 FAST_TANH: tl.constexpr):",
+    ]
+    lse = ('lse = tl.where(l_i == 0.0, float("-inf"), m_i + tl.log2(l_safe))' if cfg["exp2"] else
+           f'lse = tl.where(l_i == 0.0, float("-inf"), (m_i + tl.log(l_safe)) * {LOG2E!r})')
+    b = [
+        "pid_m = tl.program_id(0)",
+        "off_bk = tl.program_id(1)",
+        "split = tl.program_id(2)",
+        "zero = pid_m * 0",
+        "off_b = off_bk // HKV",
+        "off_hk = off_bk % HKV",
+        "H = HKV * GQA",
+        "# rows = (query head within the kv group, query index): K/V are read once per kv head",
+        "rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)",
+        "row_ok = rows < GQA * Sq",
+        "row_ok_c = row_ok[:, None]",
+        "qi = rows % Sq",
+        "h_row = off_hk * GQA + rows // Sq",
+        "h_c = h_row[:, None]",
+        "offs_n = tl.arange(0, BLOCK_N)",
+        "offs_d = tl.arange(0, BLOCK_D)",
+        "offs_dv = tl.arange(0, BLOCK_DV)",
+        "q_pos = qi + OFFSET",
+        "q_pos_c = q_pos[:, None]",
+        "q_idx_c = qi[:, None]",
+        "qmin = zero + OFFSET",
+        "qmax = zero + OFFSET + Sq - 1",
+        "_QBLK = 0",
+        "_NQBLK_RT = 1",
+        "off_b64 = off_b.to(tl.int64)",
+        f"q = tl.load(Q + off_b64 * sqb + h_row[:, None].to(tl.int64) * sqh + qi[:, None] * sqm + offs_d[None, :] * sqd, mask=row_ok_c{dm}, other=0.0)",
+        "k_base = K + off_b64 * skb + off_hk.to(tl.int64) * skh",
+        "v_base = V + off_b64 * svb + off_hk.to(tl.int64) * svh",
+    ]
+    b += fold + vc.lines("prologue")
+    b += ["lo = zero", "hi = zero + Sk", "flo = zero", "fhi = zero + Sk"] + vc.lines("ranges")
+    b += ["lo = tl.maximum(lo, split * CHUNK)", "hi = tl.minimum(hi, split * CHUNK + CHUNK)"] + _RANGE_TAIL
+    b += _loops("decode", cfg, vc, score, even_d, even_dv, prec)
+    b += [
+        "l_safe = tl.where(l_i == 0.0, 1.0, l_i)",
+        "o = acc / l_safe[:, None]",
+        lse,
+        "row_id = (off_b64 * H + h_row) * Sq + qi",
+        "tl.store(ACC + (row_id[:, None] * NS + split) * DV + offs_dv[None, :], o, mask=row_ok_c & (offs_dv[None, :] < DV))",
+        "tl.store(LSE + row_id * NS + split, lse, mask=row_ok)",
+    ]
+    combine = [
+        "@triton.jit",
+        "def _attn_combine(ACC, LSE, O, H, Sq, NS, sob, soh, som, sod, DV: tl.constexpr, BLOCK_S: tl.constexpr,",
+        "                  BLOCK_DV: tl.constexpr):",
+        "    row = tl.program_id(0).to(tl.int64)",
+        "    qi = row % Sq",
+        "    bh = row // Sq",
+        "    off_h = bh % H",
+        "    off_b = bh // H",
+        "    offs_s = tl.arange(0, BLOCK_S)",
+        "    offs_dv = tl.arange(0, BLOCK_DV)",
+        "    s_ok = offs_s < NS",
+        '    lse = tl.load(LSE + row * NS + offs_s, mask=s_ok, other=float("-inf"))',
+        "    m = tl.max(lse, 0)",
+        '    w = tl.exp2(lse - tl.where(m == float("-inf"), 0.0, m))',
+        "    den = tl.sum(w, 0)",
+        "    a = tl.load(ACC + (row * NS + offs_s[:, None]) * DV + offs_dv[None, :],",
+        "                mask=s_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)",
+        "    o = tl.sum(a * w[:, None], 0) / tl.where(den == 0.0, 1.0, den)",  # no split allowed anything: 0
+        "    tl.store(O + off_b * sob + off_h * soh + qi * som + offs_dv * sod, o.to(O.dtype.element_ty),",
+        "             mask=offs_dv < DV)",
+    ]
+    return head + _indent(b, 4) + ["", ""] + combine
+
+
+_DOC_RANGES = '''
+@triton.jit
+def _doc_ranges_kernel(DOC, R, sb, sl, Sq, Sk, OFFSET, QBLOCK, LU, BLOCK: tl.constexpr):
+    # Per query block: [lo, hi) = keys whose id lies between the block's first and last row ids,
+    # [flo, fhi) = keys of the block's single document. Exact when ids are non-decreasing over
+    # the used length (packing); otherwise the full range and no fully-allowed run (still correct).
+    blk = tl.program_id(0)
+    rb = tl.program_id(1)
+    nblk = tl.num_programs(0)
+    base = DOC + rb.to(tl.int64) * sb
+    qmin = blk * QBLOCK + OFFSET
+    qmax = tl.minimum(blk * QBLOCK + QBLOCK, Sq) - 1 + OFFSET
+    id_a = tl.load(base + qmin * sl)
+    id_z = tl.load(base + qmax * sl)
+    n_lt = tl.zeros([BLOCK], tl.int32)
+    n_le = tl.zeros([BLOCK], tl.int32)
+    n_down = tl.zeros([BLOCK], tl.int32)
+    for j0 in range(0, LU, BLOCK):
+        j = j0 + tl.arange(0, BLOCK)
+        ok = j < LU
+        d = tl.load(base + j * sl, mask=ok, other=0)
+        kv = ok & (j < Sk)
+        n_lt += (kv & (d < id_a)).to(tl.int32)
+        n_le += (kv & (d <= id_z)).to(tl.int32)
+        nxt = (j + 1) < LU
+        dn = tl.load(base + (j + 1) * sl, mask=nxt, other=0)
+        n_down += (nxt & (dn < d)).to(tl.int32)
+    lt = tl.sum(n_lt, 0)
+    le = tl.sum(n_le, 0)
+    mono = tl.sum(n_down, 0) == 0
+    lo = tl.where(mono, lt, 0)
+    hi = tl.where(mono, le, Sk)
+    one_doc = mono & (id_a == id_z)
+    out = R + (rb * nblk + blk) * 4
+    tl.store(out, lo)
+    tl.store(out + 1, hi)
+    tl.store(out + 2, tl.where(one_doc, lo, 0))
+    tl.store(out + 3, tl.where(one_doc, hi, 0))
+
+
+def _doc_ranges(d, sb, sl, rows, Sq, Sk, offset, qblock, nblk):
+    lu = max(Sk, Sq + offset)
+    r = torch.empty((rows, nblk, 4), dtype=torch.int32, device=d.device)
+    _doc_ranges_kernel[(nblk, rows)](d, r, sb, sl, Sq, Sk, offset, qblock, lu, BLOCK=min(1024, triton.next_power_of_2(lu)))
+    return r
+'''
+
+_COMMON_HOST = '''
+def _need(vt, name, q):
+    t = vt.get(name)
+    if t is None:
+        raise ValueError(f"missing variant tensor {name!r}; this kernel takes {NEEDS}")
+    if t.device != q.device:
+        raise ValueError(f"variant tensor {name!r} is on {t.device}, queries are on {q.device}")
+    return t
+
+
+def _shapes(q, k, v, out):
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4 or out.dim() != 4:
+        raise ValueError("q, k, v, out must be 4-D (B, H, S, D)")
+    B, H, Sq, D = q.shape
+    Bk, HKV, Sk, Dk = k.shape
+    if (Bk, HKV, Sk) != tuple(v.shape[:3]) or Bk != B or Dk != D:
+        raise ValueError(f"k {tuple(k.shape)} / v {tuple(v.shape)} do not match q {tuple(q.shape)}")
+    if D != HEAD_DIM or v.shape[3] != HEAD_DIM_V:
+        raise ValueError(f"this kernel is built for head dims {HEAD_DIM}/{HEAD_DIM_V}, got {D}/{v.shape[3]}")
+    if H != HKV * GQA:
+        raise ValueError(f"this kernel is built for {GQA} query heads per kv head, got {H}/{HKV}")
+    if tuple(out.shape) != (B, H, Sq, HEAD_DIM_V):
+        raise ValueError(f"out has shape {tuple(out.shape)}, expected {(B, H, Sq, HEAD_DIM_V)}")
+    if q.dtype != DTYPE or k.dtype != DTYPE or v.dtype != DTYPE or out.dtype != DTYPE:
+        raise TypeError(f"this kernel is built for {DTYPE}, got {q.dtype}/{k.dtype}/{v.dtype}/{out.dtype}")
+    return B, H, HKV, Sq, Sk
+'''
+
+_TMA_HOST = '''
+def _tma_alloc(size, alignment, stream):
+    # scratch for device-side tensor descriptors (128 bytes per descriptor)
+    return torch.empty(size, dtype=torch.int8, device="cuda")
+
+
+def _tma_ok(*ts):
+    # TMA needs a unit last stride and 16-byte aligned base and outer strides
+    for t in ts:
+        if t.stride(3) != 1 or t.data_ptr() % 16:
+            return False
+        if any((s * t.element_size()) % 16 for s in t.stride()[:3]):
+            return False
+    return True
+'''
+
+
+def _host_prefill(vc: VariantCode, cfg, spec, factor: float, align_br: bool) -> list[str]:
+    tma = cfg["tma"]
+    b = [
+        "B, H, HKV, Sq, Sk = _shapes(q, k, v, out)",
+        f"offset = Sk - Sq" if align_br else "offset = 0",
+        f"qk_mul = float(scale) * {factor!r}",
+        "NUM_M = triton.cdiv(Sq, BLOCK_M)",
+        "_QBLOCK, _NQBLK = BLOCK_M, NUM_M",
+    ]
+    b += vc.lines("host")
+    if tma:
+        b += ["use_tma = _tma_ok(q, k, v, out)", "if use_tma:", "    triton.set_allocator(_tma_alloc)"]
+    args = "".join(f"{a}, " for a in vc.args)
+    b += [
+        "_attn_fwd[(NUM_M, B * H)](",
+        "    q, k, v, out, qk_mul, *q.stride(), *k.stride(), *v.stride(), *out.stride(),",
+        f"    H, Sq, Sk, offset, NUM_M, {args}",
+        "    GQA=GQA, D=HEAD_DIM, DV=HEAD_DIM_V, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D,",
+        f"    BLOCK_DV=BLOCK_DV, FAST_TANH=FAST_TANH, USE_TMA={'use_tma' if tma else 'False'},",
+        "    num_warps=NUM_WARPS, num_stages=NUM_STAGES)",
+    ]
+    return b
+
+
+def _host_decode(vc: VariantCode, cfg, spec, factor: float, align_br: bool) -> list[str]:
+    args = "".join(f"{a}, " for a in vc.args)
+    b = [
+        "B, H, HKV, Sq, Sk = _shapes(q, k, v, out)",
+        "offset = Sk - Sq" if align_br else "offset = 0",
+        f"qk_mul = float(scale) * {factor!r}",
+        "nm = triton.cdiv(GQA * Sq, BLOCK_M)",
+        "ns = NUM_SPLITS",
+        "if ns == 0:",
+        "    ns = triton.cdiv(2 * _num_sms(q.device), B * HKV * nm)",
+        "ns = max(1, min(ns, triton.cdiv(Sk, BLOCK_N)))",
+        "chunk = triton.cdiv(triton.cdiv(Sk, ns), BLOCK_N) * BLOCK_N",
+        "ns = triton.cdiv(Sk, chunk)",
+        "# split-KV partials: small fp32 scratch, merged into out by _attn_combine",
+        "acc = torch.empty((B * H * Sq, ns, HEAD_DIM_V), dtype=torch.float32, device=q.device)",
+        "lse = torch.empty((B * H * Sq, ns), dtype=torch.float32, device=q.device)",
+        "_QBLOCK, _NQBLK = Sq, 1",
+    ]
+    b += vc.lines("host")
+    b += [
+        "_attn_decode[(nm, B * HKV, ns)](",
+        "    q, k, v, acc, lse, qk_mul, *q.stride(), *k.stride(), *v.stride(),",
+        f"    HKV, Sq, Sk, offset, chunk, ns, {args}",
+        "    GQA=GQA, D=HEAD_DIM, DV=HEAD_DIM_V, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D,",
+        "    BLOCK_DV=BLOCK_DV, FAST_TANH=FAST_TANH, num_warps=NUM_WARPS, num_stages=NUM_STAGES)",
+        "_attn_combine[(B * H * Sq,)](acc, lse, out, H, Sq, ns, *out.stride(), DV=HEAD_DIM_V,",
+        "                             BLOCK_S=triton.next_power_of_2(ns), BLOCK_DV=BLOCK_DV)",
+    ]
+    return b
+
+
+_SMS = '''
+_SM_COUNT = {}
+
+
+def _num_sms(device):
+    if device.type != "cuda":
+        return 4
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    n = _SM_COUNT.get(idx)
+    if n is None:
+        n = _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
+    return n
+'''
+
+
+def generate_source(problem: Problem, config: dict[str, Any] | None = None) -> str:
+    """A complete kernel module (kernel contract of :mod:`torch_r1attn.loader`) for ``problem``.
+
+    Raises :class:`~torch_r1attn.search.codegen.Untraceable` when a part (a user callable)
+    cannot be translated, ValueError for a bad config."""
+    cfg = normalize_config(problem, config)
+    spec = problem.spec
+    decode = cfg["path"] == "decode"
+    vc = variant_code(problem.variant, Ctx(decode=decode))
+    score, factor = _score_lines(vc, cfg)
+    D, DV = spec.head_dim, spec.head_dim_v
+    BD, BDV = _pow2_at_least(D), _pow2_at_least(DV)
+    prec = ', input_precision="ieee"' if spec.dtype == "fp32" else ""
+    align_br = problem.variant.align == "bottom_right"
+    devices = ["cuda"] + (["cpu"] if _is_cpu(problem) else [])
+    supports = {
+        "dtypes": [spec.dtype], "head_dims": [D], "head_dims_v": [DV], "gqa": [spec.gqa],
+        "max_seqlen_q": spec.sq_bucket, "max_seqlen_k": spec.sk_bucket, "devices": devices,
+    }
+    needs = sorted(problem.variant.tensors())
+    torch_dtype = {"fp16": "torch.float16", "bf16": "torch.bfloat16", "fp32": "torch.float32"}[spec.dtype]
+    out = [
+        f'"""Generated by torch_r1attn.search.templates ({cfg["path"]} template).',
+        "",
+        f"signature: {spec.uri}",
+        f"variant:   {problem.variant.key} (align {problem.variant.align})",
+        '"""',
+        "import torch",
+        "import triton",
+        "import triton.language as tl",
+        "",
+        "SUPPORTS = " + pprint.pformat(supports, width=100, sort_dicts=True),
+        "CONFIG = " + pprint.pformat(cfg, width=100, sort_dicts=True),
+        f"NEEDS = {needs!r}",
+        f"DTYPE = {torch_dtype}",
+        f"HEAD_DIM, HEAD_DIM_V, GQA = {D}, {DV}, {spec.gqa}",
+        f"BLOCK_D, BLOCK_DV = {BD}, {BDV}",
+        f"BLOCK_M, BLOCK_N = {cfg['BLOCK_M']}, {cfg['BLOCK_N']}",
+        f"NUM_WARPS, NUM_STAGES = {cfg['num_warps']}, {cfg['num_stages']}",
+        f"FAST_TANH = {cfg['fast_tanh']}",
+        f"NUM_SPLITS = {cfg['num_splits']}",
+        HELPERS,
+    ]
+    if vc.has_doc:
+        out.append(_DOC_RANGES)
+    if decode:
+        out.append(_SMS)
+        out += _decode_kernels(vc, cfg, score, D == BD, DV == BDV, prec)
+    else:
+        out += _prefill_kernel(vc, cfg, score, D == BD, DV == BDV, prec)
+    out += ["", _COMMON_HOST]
+    if cfg["tma"] and not decode:
+        out.append(_TMA_HOST)
+    host = (_host_decode if decode else _host_prefill)(vc, cfg, spec, factor, align_br)
+    out += ["", "def forward(q, k, v, out, scale, **variant_tensors):",
+            '    """Writes attention of (q, k, v) into out (see SUPPORTS); allocates no output."""']
+    out += _indent(host, 4)
+    return "\n".join(out) + "\n"
+
+
+# ------------------------------------------------------------------------------------ proposer
+def _spread(problem: Problem) -> list[dict[str, Any]]:
+    """Round-one configs, best guesses first (overrides of the default config)."""
+    spec = problem.spec
+    base = default_config(problem)
+    decode = base["path"] == "decode"
+    if _is_cpu(problem):
+        if decode:
+            over = [{}, {"BLOCK_N": 32}, {"num_splits": 1}, {"path": "prefill", "num_splits": 0, "BLOCK_M": 16},
+                    {"exp2": False}, {"split_loop": False, "num_splits": 4}]
+        else:
+            over = [{}, {"BLOCK_M": 32, "BLOCK_N": 16}, {"BLOCK_N": 32}, {"BLOCK_M": 32, "BLOCK_N": 32},
+                    {"split_loop": False}, {"exp2": False}, {"fold_scale": True}, {"reverse_m": not base["reverse_m"]}]
+    elif decode:
+        over = [{}, {"num_splits": 8}, {"num_splits": 16}, {"BLOCK_N": 64}, {"num_stages": 2},
+                {"num_splits": 4, "BLOCK_N": 64}, {"num_warps": 8}, {"num_splits": 32}, {"fold_scale": True},
+                {"path": "prefill", "BLOCK_M": 64, "BLOCK_N": 64, "num_splits": 0}]
+    else:
+        d = max(spec.head_dim, spec.head_dim_v)
+        if spec.dtype == "fp32":
+            over = [{}, {"BLOCK_M": 32}, {"BLOCK_N": 64}, {"num_stages": 3}, {"BLOCK_M": 128, "num_warps": 8},
+                    {"num_warps": 8}]
+        elif d <= 64:
+            over = [{}, {"BLOCK_N": 128, "num_warps": 8}, {"BLOCK_M": 64, "num_stages": 4}, {"tma": True},
+                    {"num_warps": 8}, {"fold_scale": True}, {"BLOCK_N": 32, "num_stages": 4},
+                    {"warp_specialize": True}, {"BLOCK_M": 256, "num_warps": 8}, {"num_stages": 2}]
+        elif d <= 128:
+            over = [{}, {"BLOCK_N": 128, "num_stages": 2}, {"num_warps": 4}, {"tma": True},
+                    {"BLOCK_M": 64, "num_warps": 4, "num_stages": 4}, {"fold_scale": True},
+                    {"tma": True, "warp_specialize": True, "num_warps": 4}, {"num_stages": 4},
+                    {"BLOCK_N": 32, "num_warps": 4, "num_stages": 4}, {"num_stages": 2},
+                    {"tma": True, "BLOCK_N": 128, "num_stages": 2}, {"split_loop": False}]
+        else:
+            over = [{}, {"BLOCK_M": 128, "num_warps": 8}, {"BLOCK_N": 32}, {"tma": True}, {"num_stages": 3},
+                    {"BLOCK_M": 128, "BLOCK_N": 32, "num_warps": 8, "num_stages": 2}, {"fold_scale": True}]
+    out, seen = [], set()
+    for o in over:
+        try:
+            cfg = normalize_config(problem, {**base, **o})
+        except ValueError:
+            continue
+        if _config_key(cfg) not in seen:
+            seen.add(_config_key(cfg))
+            out.append(cfg)
+    return out
+
+
+def _neighbours(problem: Problem, cfg: dict[str, Any]) -> list[dict[str, Any]]:
+    """Configs one knob-step away from ``cfg`` (deterministic order: knob order, down then up)."""
+    cpu = _is_cpu(problem)
+    out = []
+    for k, vals in KNOB_VALUES.items():
+        if k == "path" or (cpu and k in _CUDA_ONLY):
+            continue
+        if cpu and k in ("BLOCK_M", "BLOCK_N"):
+            vals = (16, 32)
+        if k in ("num_splits",) and cfg["path"] != "decode":
+            continue
+        if k in ("tma", "warp_specialize", "reverse_m") and cfg["path"] == "decode":
+            continue
+        if cfg[k] not in vals:
+            continue
+        i = vals.index(cfg[k])
+        steps = [vals[j] for j in (i - 1, i + 1) if 0 <= j < len(vals)]
+        if isinstance(vals[0], bool):
+            steps = [not cfg[k]]
+        for val in steps:
+            try:
+                out.append(normalize_config(problem, {**cfg, k: val}))
+            except ValueError:
+                continue
+    return out
+
+
+class TemplatesProposer:
+    """The built-in, offline proposer (see the module docstring). Deterministic."""
+
+    name = "templates"
+
+    def propose(self, problem: Problem, history: list[Feedback], n: int) -> list[Candidate]:
+        """Up to ``n`` new template candidates.
+
+        Round one (no templates history): the spread of configs, best guesses first. Later
+        rounds: neighbours of the fastest correct configs (one knob step away), then any unused
+        spread configs; never a config already in ``history``; knob values that only ever
+        failed are avoided. Returns ``[]`` when the variant cannot be translated (logged once per
+        call with the reason: the signature is left to the LLM proposer / fallback)."""
+        if n <= 0:
+            return []
+        mine = [h for h in history if h.candidate.proposer == self.name and h.candidate.config]
+        seen = set()
+        for h in mine:
+            try:
+                seen.add(_config_key(normalize_config(problem, h.candidate.config)))
+            except ValueError:
+                seen.add(_config_key(h.candidate.config))
+        good = [h for h in mine if h.ok]
+        # with no correct config yet, nothing tells a bad knob from a broken problem
+        bad_values = self._bad_values(mine) if good else set()
+        spread = _spread(problem)
+        if not mine:
+            pool = spread
+        else:
+            inf = float("inf")
+            ranked = sorted(enumerate(good), key=lambda t: (t[1].time_ms if t[1].time_ms is not None else inf, t[0]))
+            pool = []
+            for _, fb in ranked[:3]:
+                pool += _neighbours(problem, normalize_config(problem, fb.candidate.config))
+            pool += spread
+        out: list[Candidate] = []
+        for cfg in pool:
+            key = _config_key(cfg)
+            if key in seen or any((k, cfg.get(k)) in bad_values for k in cfg):
+                continue
+            seen.add(key)
+            try:
+                src = generate_source(problem, cfg)
+            except Untraceable as e:
+                log.info("templates: %s cannot be translated to Triton: %s", problem.spec.uri, e.reason)
+                return []
+            out.append(Candidate(source=src, language="triton", proposer=self.name, config=dict(cfg),
+                                 provenance={"template": cfg["path"]}))
+            if len(out) >= n:
+                break
+        return out
+
+    @staticmethod
+    def _bad_values(mine: list[Feedback]) -> set[tuple[str, Any]]:
+        """(knob, value) pairs seen in >= 2 failed configs and in no correct one."""
+        fails: dict[tuple[str, Any], int] = {}
+        oks: set[tuple[str, Any]] = set()
+        for h in mine:
+            for kv in h.candidate.config.items():
+                if h.ok:
+                    oks.add(kv)
+                else:
+                    fails[kv] = fails.get(kv, 0) + 1
+        return {kv for kv, c in fails.items() if c >= 2 and kv not in oks}
+
+    def close(self) -> None:
+        """Nothing to release (no clients, no threads)."""
