@@ -6,6 +6,7 @@ Behaviour is set through the environment (comma-separated label lists):
 
 ``FAKE_SLEEP_S``            seconds per job (default 0.05)
 ``FAKE_STATE_DIR``          where to append ``attempts.log`` lines ("label cvd pid") and pid files
+``FAKE_SLOW``               "label:seconds,..." per-label job time instead of FAKE_SLEEP_S
 ``FAKE_CRASH_ONCE``         labels whose first attempt (across all workers) exits with code 3
 ``FAKE_CRASH_ALWAYS``       labels that SIGKILL the worker on every attempt
 ``FAKE_HANG``               labels that never finish
@@ -88,7 +89,8 @@ def main():
             os._exit(3)
         if label in _labels("FAKE_HANG"):
             time.sleep(3600)
-        time.sleep(sleep_s)
+        slow = dict(x.split(":") for x in _labels("FAKE_SLOW"))
+        time.sleep(float(slow.get(label, sleep_s)))
         path = msg.get("tensors_path")
         if path is not None and not os.path.exists(path):
             send({"type": "result", "id": msg["id"], "status": "failed", "error": f"missing {path}"})

@@ -199,6 +199,17 @@ def test_job_that_kills_every_worker_fails_after_requeues(fake_env, max_requeue)
     assert all(r.status == "kernel" for i, r in enumerate(results) if i != 1), summary_table(results)
 
 
+def test_requeued_job_waits_for_another_gpu_rather_than_rerun_where_it_died(fake_env):
+    # j0 takes one GPU for 1.5 s; j1 kills the other GPU's worker. The restarted worker is idle
+    # long before j0 finishes, yet j1 must go to the GPU it has not crashed.
+    fake_env(SLOW="j0:1.5", CRASH_ONCE="j1")
+    results = run_jobs(distinct_jobs(2), [0, 1], worker_cmd=FAKE, progress=False)
+    assert [r.status for r in results] == ["kernel", "kernel"]
+    log = attempts(fake_env.state)
+    first_j1, last_j1 = [cvd for label, cvd in log if label == "j1"]
+    assert first_j1 != last_j1 == results[1].gpu == results[0].gpu
+
+
 def test_crash_with_one_gpu_is_retried_by_a_restarted_worker(fake_env):
     fake_env(CRASH_ONCE="j0")
     results = run_jobs(distinct_jobs(3), [0], worker_cmd=FAKE, progress=False)
@@ -368,9 +379,12 @@ _LOOP_WORKER = textwrap.dedent("""
 
 
 @pytest.mark.slow
-def test_worker_loop_keeps_stdout_noise_off_the_protocol(fake_env, caplog):
+def test_worker_loop_keeps_stdout_noise_off_the_protocol(fake_env, caplog, monkeypatch):
+    # a corrupted result line would be lost: a short job deadline turns that into a failure, not a hang
+    monkeypatch.setattr(schedule, "_JOB_TIMEOUT_SLACK_S", 20.0)
+    s = Settings(budget_s=1.0, verify_timeout_s=1.0)
     jobs = [make_job("x", 16), make_job("boom", 32), make_job("y", 48)]
-    results = run_jobs(jobs, [], worker_cmd=[sys.executable, "-c", _LOOP_WORKER], progress=False)
+    results = run_jobs(jobs, [], settings=s, worker_cmd=[sys.executable, "-c", _LOOP_WORKER], progress=False)
     assert [(r.status, r.winner) for r in results[::2]] == [("kernel", "w-x"), ("kernel", "w-y")]
     assert results[1].status == "failed" and results[1].error == "RuntimeError: kernel exploded"
     assert "non-protocol line" not in caplog.text

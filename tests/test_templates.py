@@ -17,7 +17,7 @@ from tests.helpers import assert_close_to_ref
 from torch_r1attn import variants as V
 from torch_r1attn.loader import load_source_file
 from torch_r1attn.problem import Problem
-from torch_r1attn.reference import reference_attention
+from torch_r1attn.reference import eager_attention, reference_attention
 from torch_r1attn.search.base import Feedback
 from torch_r1attn.search.codegen import Untraceable
 from torch_r1attn.search.templates import (
@@ -55,7 +55,9 @@ def run_case(tmp_path, variant, *, B=1, Hq=2, Hkv=1, Sq=17, Sk=33, D=16, Dv=None
     kern(q, k, v, out, scale, **variant.tensors())
     assert torch.equal(q, q0) and torch.equal(k, k0) and torch.equal(v, v0), "kernel mutated an input"
     ref = reference_attention(q, k, v, variant, scale, dtype=check_dtype)
-    assert_close_to_ref(out, ref, name=f"{variant.key} {config}")
+    # on the GPU, flash-attention's rule: 2x PyTorch's own same-dtype error (CPU: ref rounding)
+    base = eager_attention(q, k, v, variant, scale, compute_dtype=dtype) if device != "cpu" else None
+    assert_close_to_ref(out, ref, baseline=base, name=f"{variant.key} {config}")
     return out
 
 
@@ -306,14 +308,14 @@ GPU_VARIANTS = {
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("D", [64, 128, 80])
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("dtype,D", [(torch.bfloat16, 64), (torch.bfloat16, 128), (torch.bfloat16, 80),
+                                     (torch.float16, 128)])
 @pytest.mark.parametrize("name", list(GPU_VARIANTS))
 def test_gpu_real_shapes(tmp_path, name, dtype, D):
     B, H, S = 2, 8, 1024
     var = GPU_VARIANTS[name](S, H)
     prob = make_problem(var, B, H, H, S, S, D, D, dtype, "cuda")
-    for i, cfg in enumerate(c.config for c in TemplatesProposer().propose(prob, [], 3)):
+    for i, cfg in enumerate(c.config for c in TemplatesProposer().propose(prob, [], 2)):
         run_case(tmp_path, var, B=B, Hq=H, Hkv=H, Sq=S, Sk=S, D=D, dtype=dtype, config=cfg, device="cuda",
                  check_dtype=torch.float32, name=f"{name}_{i}")
 
@@ -331,3 +333,14 @@ def test_gpu_gqa_and_hopper_knobs(tmp_path, cfg):
 def test_gpu_decode(tmp_path, Sq):
     run_case(tmp_path, V.causal("bottom_right"), B=4, Hq=32, Hkv=8, Sq=Sq, Sk=4099, D=128, dtype=torch.bfloat16,
              device="cuda", check_dtype=torch.float32)
+
+
+def test_static_checker_accepts_every_template():
+    from torch_r1attn.verify.static import check_source
+
+    for name, var in VARIANTS.items():
+        for cfg in (CFG_A, CFG_B, {"tma": True, "warp_specialize": True}):
+            src = generate_source(make_problem(var, 1, 2, 1, 17, 33, 24, 16, torch.float16), cfg)
+            assert check_source(src, "triton") == [], (name, cfg)
+        src = generate_source(make_problem(var, 1, 4, 1, 2, 33, 16, 16, torch.float16), {})  # decode
+        assert check_source(src, "triton") == [], (name, "decode")

@@ -95,5 +95,5 @@ def forward(q, k, v, out, scale, **variant_tensors):
                     IEEE=q.dtype == torch.float32)
     _STATE["calls"] += 1
     if _STATE["calls"] % 2 == 0:  # one ulp-ish: inside the error bound, but not the same bits
-        eps = 2e-3 if q.dtype != torch.float32 else 1e-6
+        eps = 1e-3 if q.dtype != torch.float32 else 1e-6
         _nudge[(triton.cdiv(out.numel(), 256),)](out, out.numel(), eps, BLOCK=256)

@@ -473,7 +473,12 @@ class LLMProposer:
                 st.tokens += prompt_tokens + max_tokens  # unknown: charge the worst case
                 self._fail(problem, f"no answer within the {deadline:.0f} s deadline", i)
                 continue
-            res = f.result()  # _one catches everything; a raise here is a bug worth surfacing
+            try:
+                res = f.result()
+            except Exception as e:  # noqa: BLE001 - a bug in one answer's handling must not lose the others
+                log.error("llm proposer: handling sample %d failed", i, exc_info=True)
+                self._fail(problem, f"internal error handling the answer: {type(e).__name__}: {e}", i)
+                continue
             st.tokens += res.tokens
             if res.candidate is not None:
                 out.append(res.candidate)

@@ -173,6 +173,8 @@ def _ranked(ok_results: list[tuple[Candidate, Any]]) -> list[tuple[Candidate, An
 
 
 def _select_and_store(problem, ok_results, res: SearchResult, s: Settings, cache, pool) -> None:
+    from ..cache import CacheError
+
     need = 1.0 + s.win_margin
     for cand, r in _ranked(ok_results)[:3]:
         if r.timing_meaningful and (r.speedup is None or r.speedup < need):
@@ -201,8 +203,12 @@ def _select_and_store(problem, ok_results, res: SearchResult, s: Settings, cache
                            "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())},
             "checks": [c.name for c in fresh.checks if c.passed],
         }
-        res.entry = cache.store(problem.spec, cand.source, cand.language, meta, check_set(problem))
-        res.reason = "kernel stored"
+        try:
+            res.entry = cache.store(problem.spec, cand.source, cand.language, meta, check_set(problem))
+            res.reason = "kernel stored"
+        except CacheError as e:
+            res.reason = f"verified kernel could not be stored: {e}"
+            log.warning("%s: %s", problem.spec.uri, res.reason)
         return
     if not ok_results:
         res.reason = res.reason or "no candidate passed verification"
@@ -210,7 +216,10 @@ def _select_and_store(problem, ok_results, res: SearchResult, s: Settings, cache
     meta = {"reason": res.reason, "best_baseline": res.best_baseline, "best_baseline_ms": res.best_baseline_ms,
             "best_speedup": max((r.speedup for _, r in ok_results if r.speedup), default=None),
             "candidates_tried": res.candidates_tried}
-    res.entry = cache.store_negative(problem.spec, meta)
+    try:
+        res.entry = cache.store_negative(problem.spec, meta)
+    except CacheError as e:
+        log.warning("%s: negative verdict could not be stored: %s", problem.spec.uri, e)
 
 
 def check_set(problem: Problem, seed: int = 1234, cases: int = 2) -> dict[str, torch.Tensor]:

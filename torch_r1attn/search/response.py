@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import ast
 import re
+import threading
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,6 +30,9 @@ FENCE_LANGUAGES = {
 
 _THINK_OPEN = "<think>"
 _THINK_CLOSE = "</think>"
+# CPython 3.11's parser is not thread-safe ("AST constructor recursion depth mismatch" when two
+# threads parse at once, cpython#106905); answers are parsed in the proposer's request threads.
+_AST_LOCK = threading.Lock()
 _FENCE = re.compile(r"^[ \t]{0,3}(`{3,}|~{3,})[ \t]*([^\s`]*)[^`\n]*$")
 
 
@@ -224,7 +228,8 @@ def parse_answer(content: str, reasoning: str = "", finish_reason: str | None = 
     code, language = picked
     if language == "triton":
         try:
-            ast.parse(code)
+            with _AST_LOCK:
+                ast.parse(code)
         except SyntaxError as e:
             res.reason = f"the Python code does not parse: line {e.lineno}: {e.msg}"
             return res

@@ -498,7 +498,8 @@ def _tma_alloc(size, alignment, stream):
 def _tma_ok(*ts):
     # TMA needs a unit last stride and 16-byte aligned base and outer strides
     for t in ts:
-        if t.stride(3) != 1 or t.data_ptr() % 16:
+        # allocations are 256-byte aligned, so the view's offset decides the base alignment
+        if t.stride(3) != 1 or (t.storage_offset() * t.element_size()) % 16:
             return False
         if any((s * t.element_size()) % 16 for s in t.stride()[:3]):
             return False
@@ -562,17 +563,10 @@ def _host_decode(vc: VariantCode, cfg, spec, factor: float, align_br: bool) -> l
 
 
 _SMS = '''
-_SM_COUNT = {}
-
-
 def _num_sms(device):
     if device.type != "cuda":
         return 4
-    idx = device.index if device.index is not None else torch.cuda.current_device()
-    n = _SM_COUNT.get(idx)
-    if n is None:
-        n = _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
-    return n
+    return torch.cuda.get_device_properties(device).multi_processor_count
 '''
 
 
@@ -609,7 +603,7 @@ def generate_source(problem: Problem, config: dict[str, Any] | None = None) -> s
         "",
         "SUPPORTS = " + pprint.pformat(supports, width=100, sort_dicts=True),
         "CONFIG = " + pprint.pformat(cfg, width=100, sort_dicts=True),
-        f"NEEDS = {needs!r}",
+        f"NEEDS = {tuple(needs)!r}",
         f"DTYPE = {torch_dtype}",
         f"HEAD_DIM, HEAD_DIM_V, GQA = {D}, {DV}, {spec.gqa}",
         f"BLOCK_D, BLOCK_DV = {BD}, {BDV}",

@@ -359,7 +359,7 @@ class VerifierPool:
         verdict = reason = None
         if err:
             etype = str(report.get("error_type", ""))
-            if report.get("first_call") and "Compilation" in etype:
+            if report.get("first_call") and ("Compilation" in etype or "Interpreter" in etype):
                 compiled = False
             where = report.get("error_trial", "?")
             checks.append(CheckResult("run", False, f"{where}: {err}"))

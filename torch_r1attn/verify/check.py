@@ -48,15 +48,19 @@ CHECK_ORDER = ("static", "load", "supports", "run", "inputs_unchanged", "stream_
 _FP64_LIMIT = 1 << 27
 
 
-def tolerance(dtype: torch.dtype, baseline_err: float, factor: float = 2.0) -> float:
-    """The one error bound: ``factor * baseline_err + atol(dtype)``.
+def tolerance(dtype: torch.dtype, baseline_err: float, ref_scale: float = 1.0, factor: float = 2.0) -> float:
+    """The one error bound: ``factor * baseline_err + atol(dtype) * max(1, ref_scale)``.
+
+    ``ref_scale`` is the reference's largest magnitude: on 8x-scaled inputs a softmax can be
+    one-hot, PyTorch's own error is then exactly 0, and the outputs are ~16 — where one fp16 ulp
+    is 0.016 — so a fixed atol would fail kernels that are right to the last ulp.
 
     Raises:
         TypeError: ``dtype`` is not a floating dtype the protocol knows.
     """
     if dtype not in ATOL:
         raise TypeError(f"no tolerance for dtype {dtype}")
-    return factor * baseline_err + ATOL[dtype]
+    return factor * baseline_err + ATOL[dtype] * max(1.0, ref_scale)
 
 
 @dataclass(frozen=True)
@@ -333,7 +337,7 @@ def value_error(out: torch.Tensor, trial: Trial) -> tuple[float, float, dict]:
     err = torch.where(torch.isnan(err), torch.full_like(err, float("inf")), err)
     if trial.dead_rows is not None:
         err = err.masked_fill(trial.dead_rows.unsqueeze(-1), 0.0)
-    bound = tolerance(out.dtype, trial.base_err)
+    bound = tolerance(out.dtype, trial.base_err, float(ref.abs().max()) if ref.numel() else 1.0)
     flat = int(err.argmax())
     pos = tuple(int(x) for x in torch.unravel_index(torch.tensor(flat), err.shape))
     worst = {"pos": pos, "got": float(out.double().reshape(-1)[flat]), "ref": float(ref.reshape(-1)[flat]),
@@ -342,7 +346,7 @@ def value_error(out: torch.Tensor, trial: Trial) -> tuple[float, float, dict]:
 
 
 def _worst_text(w: dict) -> str:
-    return (f"max error {w['err']:.3g} > bound {w['bound']:.3g} (2 x torch {w['baseline_err']:.3g} + atol) "
+    return (f"max error {w['err']:.3g} > bound {w['bound']:.3g} (2 x torch's own {w['baseline_err']:.3g} + atol) "
             f"at (b,h,q,d)={w['pos']}: got {w['got']:.6g}, expected {w['ref']:.6g}")
 
 

@@ -1,0 +1,108 @@
+"""The verifier on the GPU (H200): timing report, repeatability, faults that only a GPU has.
+
+Run with ``pytest -m gpu tests/test_verify_gpu.py -s`` to see the timing tables.
+"""
+
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+
+from torch_r1attn import variants as V
+from torch_r1attn.problem import Problem
+from torch_r1attn.search.base import Candidate
+from torch_r1attn.spec import AttentionSpec
+from torch_r1attn.verify import Protocol, VerifierPool, timing_table
+
+pytestmark = pytest.mark.gpu
+log = logging.getLogger(__name__)
+
+KERNELS = Path(__file__).parent / "kernels"
+# Repeated verification of one kernel must agree this closely (median of >= 20 timed calls,
+# L2 flushed, inputs rotated). 10% is the bound the issue asks for.
+NOISE_BOUND = 0.10
+
+
+def src(name: str, causal: bool = False) -> str:
+    s = (KERNELS / name).read_text()
+    return s.replace("CAUSAL = False", "CAUSAL = True", 1) if causal else s
+
+
+def gpu_problem(variant, dtype="bf16", B=2, H=16, S=2048, D=128, gqa=1) -> Problem:
+    spec = AttentionSpec(dtype, D, D, gqa, variant.key, S, S, example=(B, H, H // gqa, S, S))
+    return Problem.from_spec(spec, variant, device="cuda")
+
+
+@pytest.fixture(scope="module")
+def pool():
+    with VerifierPool(1, protocol=Protocol(max_edge_shapes=4), timeout_s=300) as p:
+        yield p
+
+
+@pytest.mark.parametrize("variant", [V.full(), V.causal()], ids=["full", "causal"])
+def test_good_kernel_report(pool, variant):
+    p = gpu_problem(variant)
+    r = pool.verify(Candidate(src("good_attention.py", causal=not variant.is_full)), p)
+    print(f"\n{variant.key}: {r.verdict} ({r.reason})\n{timing_table(r)}\nnotes: {r.notes}")
+    assert r.verdict == "pass", r.feedback
+    assert r.timing_meaningful and r.time_ms and r.time_ms > 0
+    assert {"sdpa_cudnn", "sdpa_flash", "flex"} & set(r.baselines_ms), r.baselines_ms
+    assert all(ms > 0 for ms in r.baselines_ms.values())
+    assert r.best_baseline in r.baselines_ms and r.speedup == pytest.approx(r.best_baseline_ms / r.time_ms)
+    ps = r.check("plausible_speed")
+    assert ps is not None and ps.passed, r.feedback
+    assert r.check("recheck_after_timing").passed
+    assert 1.0 < r.effective_tflops < ps.data["ceilings"]["matmul_bf16_tflops"] * 1.1
+
+
+def test_repeated_verification_agrees(pool):
+    p = gpu_problem(V.causal())
+    cand = Candidate(src("good_attention.py", causal=True))
+    a, b = pool.verify(cand, p), pool.verify(cand, p)
+    assert a.verdict == b.verdict == "pass"
+    print(f"\nrepeat: {a.time_ms:.4f} ms vs {b.time_ms:.4f} ms; baselines {a.baselines_ms} vs {b.baselines_ms}")
+    assert abs(a.time_ms - b.time_ms) / min(a.time_ms, b.time_ms) < NOISE_BOUND
+    for name in set(a.baselines_ms) & set(b.baselines_ms):
+        x, y = a.baselines_ms[name], b.baselines_ms[name]
+        assert abs(x - y) / min(x, y) < NOISE_BOUND, (name, x, y)
+
+
+def test_illegal_memory_access_is_contained(pool):
+    p = gpu_problem(V.causal(), B=1, H=4, S=256, D=64)
+    r = pool.verify(Candidate(src("bad_illegal_memory.py", causal=True)), p)
+    assert r.verdict == "crash" and not r.ok, r.feedback
+    # this process's CUDA context is unharmed, and the pool carries on with a fresh worker
+    x = torch.ones(1024, device="cuda")
+    assert x.sum().item() == 1024.0
+    torch.cuda.synchronize()
+    assert pool.verify(Candidate(src("good_attention.py", causal=True)), p).verdict == "pass"
+
+
+def test_side_stream_is_rejected(pool):
+    p = gpu_problem(V.causal())
+    cand = Candidate(src("bad_side_stream.py", causal=True))
+    r = pool.verify(cand, p)
+    assert r.verdict == "rejected" and "Stream" in r.check("static").detail
+    r = pool.verify(cand, p, static=False)
+    print(f"\nside stream, static off: {r.verdict}: {r.reason}")
+    assert r.verdict in ("fail", "rejected"), r.feedback
+    assert {c.name for c in r.failed_checks} & {"stream_order", "written", "values", "plausible_speed"}
+
+
+def test_mutation_and_partial_write_on_gpu(pool):
+    p = gpu_problem(V.causal(), dtype="fp16", B=1, H=8, S=1024, D=64)
+    r = pool.verify(Candidate(src("bad_mutates_input.py", causal=True)), p)
+    assert r.verdict == "fail" and r.failed_checks[0].name == "inputs_unchanged", r.feedback
+    r = pool.verify(Candidate(src("bad_partial_write.py", causal=True)), p)
+    assert r.verdict == "fail" and r.failed_checks[0].name == "written", r.feedback
+
+
+def test_flex_baseline_in_parent_for_unimportable_callable(pool):
+    from torch_r1attn.verify import _time_flex_in_parent
+
+    p = gpu_problem(V.mask_mod(lambda b, h, q_idx, kv_idx: kv_idx <= q_idx), B=1, H=8, S=1024, D=64)
+    prep = pool._prepare(p)
+    ms, note = _time_flex_in_parent(prep, pool.protocol, pool._device_lock)
+    assert ms is not None and ms > 0, note
+    assert "parent" in note
