@@ -102,3 +102,20 @@ def test_doctor_llm_endpoint(monkeypatch, capsys):
     cli.main(["doctor", "--json"])
     rep = json.loads(capsys.readouterr().out)
     assert rep["llm"]["reachable"] is False
+
+
+@pytest.mark.slow
+def test_demo_on_cpu_shows_verdicts(tmp_path):
+    """The demo re-executes itself with TRITON_INTERPRET=1 and prints each candidate's verdict."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["R1ATTN_CACHE_DIR"] = str(tmp_path / "c")
+    out = subprocess.run([sys.executable, "-m", "torch_r1attn.cli", "demo", "--fresh"], env=env,
+                         capture_output=True, text=True, timeout=240)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "CPU (Triton interpreter)" in out.stdout
+    assert "[causal]" in out.stdout and "[sliding window 8]" in out.stdout
+    assert "verdict:" in out.stdout and "summary" in out.stdout

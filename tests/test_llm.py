@@ -156,6 +156,21 @@ def test_prompt_contents(server, proposer_factory):
     assert "```cuda" not in prompt  # CUDA candidates cannot run under the CPU interpreter
 
 
+@pytest.mark.parametrize("variant, seed_line", [
+    (V.causal(), "#define R1_MASK_KIND 1"), (V.softcap(20.0), "seed kernel for FULL attention"),
+])
+def test_prompt_offers_cuda_where_it_can_run(monkeypatch, variant, seed_line):
+    monkeypatch.setattr(LLMProposer, "cuda_allowed", lambda self, problem: True)
+    p = LLMProposer(Settings(llm_base_url="http://127.0.0.1:9/v1", llm_api_key="x"), max_retries=0)
+    try:
+        prompt = p.build_prompt(make_problem(variant), [])
+    finally:
+        p.close()
+    for needle in ['extern "C" int r1attn_forward', "typedef struct r1attn_tensor", "compute_90a",
+                   "```cuda", "CUDA C++ allowed", seed_line]:
+        assert needle in prompt, needle
+
+
 def test_prompt_shows_best_kernel_and_feedback(server, proposer_factory):
     problem = make_problem()
     slow = Candidate(source="# slow but correct\n" + GOOD, proposer="templates")
@@ -185,6 +200,21 @@ def test_feedback_on_unusable_answer_reaches_next_prompt(server, proposer_factor
     assert "max_tokens" in p.failures[-1].reason
     assert len(p.propose(problem, [], 1)) == 1
     assert "finish_reason=length" in server.requests[1].prompt
+
+
+def test_unparsable_code_is_quoted_and_transport_errors_are_not(server, proposer_factory):
+    server.push(Script.error(400, message="bad request"),
+                answer("def forward(q, k, v, out, scale):\n    return (\n"), answer(GOOD))
+    p = proposer_factory()
+    problem = make_problem()
+    assert p.propose(problem, [], 1) == []  # 400: not retried, recorded
+    assert "BadRequestError" in p.failures[-1].reason and not p.failures[-1].from_answer
+    assert p.propose(problem, [], 1) == []
+    assert "does not parse" in p.failures[-1].reason
+    assert len(p.propose(problem, [], 1)) == 1
+    second, third = server.requests[1].prompt, server.requests[2].prompt
+    assert "This is the first round" in second and "BadRequestError" not in second
+    assert "does not parse" in third and "    return (" in third
 
 
 @pytest.mark.parametrize("variant", [

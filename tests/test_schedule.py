@@ -305,6 +305,25 @@ def test_junk_lines_on_the_protocol_are_ignored(fake_env, caplog):
     assert "non-protocol line" in caplog.text
 
 
+def test_progress_without_tqdm_logs_each_job_and_a_heartbeat(fake_env, monkeypatch, caplog):
+    monkeypatch.setitem(sys.modules, "tqdm", None)  # makes `import tqdm...` raise ImportError
+    monkeypatch.setitem(sys.modules, "tqdm.auto", None)
+    monkeypatch.setattr(schedule, "_HEARTBEAT_S", 0.2)
+    fake_env(SLOW="j0:0.8")
+    caplog.set_level("INFO", logger="torch_r1attn.schedule")
+    run_jobs(distinct_jobs(2), [0], worker_cmd=FAKE, progress=True)
+    assert "[1/2] j0: kernel 1.50x vs sdpa_flash on gpu 0" in caplog.text
+    assert "[2/2] j1: kernel" in caplog.text
+    assert "0/2 done; running: 0:j0" in caplog.text
+
+
+def test_progress_bar_with_tqdm(fake_env, capsys):
+    pytest.importorskip("tqdm")
+    run_jobs(distinct_jobs(3), [0, 1], worker_cmd=FAKE, progress=True)
+    err = capsys.readouterr().err
+    assert "prewarm" in err and "3/3" in err
+
+
 def _alive(pid: int) -> bool:
     try:
         state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
@@ -339,10 +358,11 @@ def test_keyboard_interrupt_kills_worker_process_groups(fake_env, monkeypatch):
 def test_summary_table():
     j = make_job
     results = [
-        JobResult(j("attn.prefill"), "0", "kernel", 1.42, "sdpa_cudnn", 41.0, None, "abc templates BLOCK_M=128"),
-        JobResult(j("attn.decode"), "1", "negative", 0.97, "sdpa_flash", 12.5, None, None),
-        JobResult(j("attn.local"), "0", "cached", None, None, 0.4, None, "def llm"),
-        JobResult(j("attn.doc"), "1", "failed", None, None, 3.0, "2 attempt(s) failed:\nworker died", None),
+        JobResult(j("attn.prefill", 16), "0", "kernel", 1.42, "sdpa_cudnn", 41.0, None, "abc templates BLOCK_M=128"),
+        JobResult(j("attn.decode", 32), "1", "negative", 0.97, "sdpa_flash", 12.5, None, None),
+        JobResult(j("attn.local", 48), "0", "cached", None, None, 0.4, None, "def llm"),
+        JobResult(j("attn.doc", 64), "1", "failed", None, None, 3.0, "2 attempt(s) failed:\nworker died", None),
+        JobResult(j("attn.decode2", 32), "1", "negative", 0.97, "sdpa_flash", 12.5, None, None),  # decode's twin
     ]
     t = summary_table(results)
     lines = t.splitlines()
@@ -351,8 +371,8 @@ def test_summary_table():
     assert lines[3].split()[:6] == ["attn.decode", "1", "negative", "0.97x", "sdpa_flash", "12.5"]
     assert "2 attempt(s) failed: worker died" in lines[5]
     assert "gpu 0: 2 job(s) (1 kernel, 1 cached), 41.4 s" in t
-    assert "gpu 1: 2 job(s) (1 negative, 1 failed), 15.5 s" in t
-    assert t.endswith("total: 4 job(s): 1 kernel, 1 negative, 1 cached, 1 failed")
+    assert "gpu 1: 3 job(s) (2 negative, 1 failed), 15.5 s" in t  # the duplicate's time counted once
+    assert t.endswith("total: 5 job(s): 1 kernel, 2 negative, 1 cached, 1 failed")
     assert summary_table([]) == "no prewarm jobs"
     cpu = summary_table([JobResult(j("x"), "cpu", "kernel", float("nan"), None, 1.0, None, None)])
     assert "cpu: 1 job(s) (1 kernel)" in cpu and " - " in cpu.splitlines()[2]
@@ -430,7 +450,7 @@ def test_prewarm_on_every_gpu(cache_dir):
         spec = AttentionSpec("bf16", 128, 128, Hq // Hkv, var.key, length_bucket(Sq), length_bucket(Sk),
                              example=(B, Hq, Hkv, Sq, Sk))
         jobs.append(PrewarmJob.from_variant(spec, var, label))
-    s = Settings(budget_s=45.0, cache_dir=str(cache_dir))
+    s = Settings(budget_s=30.0, cache_dir=str(cache_dir))
     t0 = time.monotonic()
     results = run_jobs(jobs, gpus, settings=s, progress=False)
     print(summary_table(results), f"\n{time.monotonic() - t0:.1f} s on {len(gpus)} GPU(s)")

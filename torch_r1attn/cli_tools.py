@@ -120,13 +120,14 @@ def cmd_demo(args) -> int:
     import torch
 
     if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
-        # Triton reads TRITON_INTERPRET when kernels are defined; if it is already imported here
-        # the switch would be too late, so run the demo in a child that has it from the start.
-        if "triton" in sys.modules or os.environ.get(_DEMO_ENV):
-            env = dict(os.environ, TRITON_INTERPRET="1", **{_DEMO_ENV: "1"})
-            cmd = [sys.executable, "-m", "torch_r1attn.cli", "demo"] + (["--fresh"] if args.fresh else [])
-            return subprocess.call(cmd, env=env)
-        os.environ["TRITON_INTERPRET"] = "1"
+        # Triton reads TRITON_INTERPRET at import and when kernels are defined (here, and in
+        # every verifier worker): setting it now would be too late for whatever already imported
+        # triton, so run the demo in a child that has it from the start.
+        if os.environ.get(_DEMO_ENV):
+            raise RuntimeError("r1attn demo: the child process still lacks TRITON_INTERPRET=1")
+        env = dict(os.environ, TRITON_INTERPRET="1", **{_DEMO_ENV: "1"})
+        cmd = [sys.executable, "-m", "torch_r1attn.cli", "demo"] + (["--fresh"] if args.fresh else [])
+        return subprocess.call(cmd, env=env)
     if args.fresh:
         with tempfile.TemporaryDirectory(prefix="r1attn-demo-") as d:
             os.chmod(d, 0o700)
@@ -177,8 +178,8 @@ def _demo(cache_dir: str | None) -> int:
                 c = fb.candidate
                 verdict = "ok  " if fb.ok else "FAIL"
                 timing = f"{fb.time_ms:.3f} ms" if fb.time_ms else "-"
-                first = (fb.text or "").strip().splitlines()[:1]
-                print(f"  {verdict} {c.proposer:<9} {_cfg(c.config):<40} {timing:>10}  {first[0][:80] if first else ''}")
+                first = [" | ".join(ln.strip() for ln in (fb.text or "").strip().splitlines()[:3])]
+                print(f"  {verdict} {c.proposer:<9} {_cfg(c.config):<48} {timing:>10}  {first[0][:160]}")
             rows.append((name, res))
         print("\nsummary")
         print(f"  {'variant':<22} {'winner':<10} {'speed-up':>9} {'best peer':<22} {'seconds':>8}")
@@ -202,7 +203,7 @@ def _demo(cache_dir: str | None) -> int:
 def _cfg(cfg: dict) -> str:
     keys = [k for k in ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages") if k in cfg]
     text = " ".join(f"{k}={cfg[k]}" for k in keys) or ",".join(f"{k}={v}" for k, v in list(cfg.items())[:4])
-    return text[:40]
+    return text[:48]
 
 
 # ------------------------------------------------------------------------------------- doctor

@@ -269,6 +269,10 @@ def _make_forward(lib: ctypes.CDLL, supports: dict[str, Any], name: str) -> Call
     want = set(names)
 
     def forward(q, k, v, out, scale, **variant_tensors) -> None:
+        got = set(variant_tensors)
+        if got != want:
+            raise TypeError(f"{name}: variant tensors {sorted(got)} do not match the kernel's "
+                            f"SUPPORTS['variant_tensors'] {sorted(want)}")
         for tn, t in (("q", q), ("k", k), ("v", v), ("out", out)):
             if not isinstance(t, torch.Tensor):
                 raise TypeError(f"{name}: {tn} must be a tensor, got {type(t).__name__}")
@@ -280,10 +284,6 @@ def _make_forward(lib: ctypes.CDLL, supports: dict[str, Any], name: str) -> Call
                 raise TypeError(f"{name}: {tn} has dtype {t.dtype}, q has {q.dtype}")
             if t.shape[-1] > 1 and t.stride(-1) != 1:
                 raise ValueError(f"{name}: {tn} must have a contiguous last dimension, strides {t.stride()}")
-        got = set(variant_tensors)
-        if got != want:
-            raise TypeError(f"{name}: variant tensors {sorted(got)} do not match the kernel's "
-                            f"SUPPORTS['variant_tensors'] {sorted(want)}")
         extras = (R1Tensor * max(1, len(names)))()
         for i, n in enumerate(names):
             t = variant_tensors[n]

@@ -255,7 +255,8 @@ def run_jobs(jobs: list[PrewarmJob], gpus: list[int] | None = None, *, settings:
 
 def summary_table(results: list[JobResult]) -> str:
     """A plain-text table: one row per job (label, GPU, status, speedup, best baseline, seconds,
-    winner or error), then one line per GPU saying what it did, then the totals."""
+    winner or error), then one line per GPU saying what it did (job counts by status and the
+    seconds it spent, a duplicate signature counted once), then the totals."""
     if not results:
         return "no prewarm jobs"
     header = ("label", "gpu", "status", "speedup", "baseline", "seconds", "winner / error")
@@ -283,7 +284,9 @@ def summary_table(results: list[JobResult]) -> str:
     for g in sorted(per_gpu, key=lambda x: (not x.isdigit(), int(x) if x.isdigit() else 0, x)):
         rs = per_gpu[g]
         name = "cpu" if g == CPU_SLOT else ("not run" if g == "-" else f"gpu {g}")
-        out.append(f"{name}: {len(rs)} job(s) ({_status_counts(rs)}), {sum(r.seconds for r in rs):.1f} s")
+        # a duplicate signature shares its twin's search: count that time once
+        busy = sum({r.job.spec.hash: r.seconds for r in rs}.values())
+        out.append(f"{name}: {len(rs)} job(s) ({_status_counts(rs)}), {busy:.1f} s")
     out.append(f"total: {len(results)} job(s): {_status_counts(results)}")
     return "\n".join(out)
 
@@ -379,6 +382,7 @@ class _Task:
     tensors_path: str | None = None
     crashes: list[str] = field(default_factory=list)
     crashed_on: set[str] = field(default_factory=set)
+    last_gpu: str = ""
     seconds: float = 0.0
     result: JobResult | None = None
 
@@ -486,7 +490,7 @@ class _Progress:
         what = result.status
         if result.speedup is not None and result.status != "failed":
             what += f" {_fmt_speedup(result.speedup)} vs {result.best_baseline or '?'}"
-        where = "cpu" if result.gpu == CPU_SLOT else f"gpu {result.gpu}"
+        where = "cpu" if result.gpu == CPU_SLOT else (f"gpu {result.gpu}" if result.gpu else "no worker")
         msg = f"[{self.done}/{self.total}] {result.job.label}: {what} on {where} ({result.seconds:.1f} s)"
         if result.status == "failed":
             log.warning("prewarm %s: %s", msg, (result.error or "").splitlines()[0] if result.error else "")
@@ -577,6 +581,7 @@ class _Scheduler:
                 continue  # every queued job already died on this GPU; leave them to another one
             self.pending.remove(task)
             w.task, w.state, w.job_started = task, "busy", time.monotonic()
+            task.last_gpu = w.slot.name
             if not w.send(task.line()):
                 # the worker is already gone; its EOF will follow. This attempt never started.
                 self.pending.appendleft(task)
@@ -709,8 +714,7 @@ class _Scheduler:
         while self.pending:
             t = self.pending.popleft()
             prior = ("\n" + "\n".join(t.crashes)) if t.crashes else ""
-            gpu = sorted(t.crashed_on)[-1] if t.crashed_on else ""
-            self._finish(t, JobResult(job=t.job, gpu=gpu, status="failed", seconds=t.seconds,
+            self._finish(t, JobResult(job=t.job, gpu=t.last_gpu, status="failed", seconds=t.seconds,
                                       error=f"no search worker left to run it ({reasons}){prior}"))
 
     # -------------------------------------------------------------- shutdown
@@ -769,7 +773,7 @@ def _claim_protocol_channel() -> tuple[Any, Any]:
     writes land in the log), jobs come from a private duplicate of stdin (fd 0 becomes /dev/null)."""
     sys.stdout.flush()
     out_fd = os.dup(1)  # os.dup fds are non-inheritable: subprocesses never see them
-    pass
+    os.dup2(2, 1)
     in_fd = os.dup(0)
     devnull = os.open(os.devnull, os.O_RDONLY)
     os.dup2(devnull, 0)

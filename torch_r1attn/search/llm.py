@@ -277,6 +277,7 @@ class Failure:
     sample: int
     provenance: dict[str, Any] = field(default_factory=dict)
     code: str = ""  # unusable code we got (e.g. Python that does not parse), for the next prompt
+    from_answer: bool = False  # the model answered (vs. transport/budget); only these go in prompts
 
 
 @dataclass
@@ -371,7 +372,8 @@ class LLMProposer:
 
         sp = problem.spec
         ref, callables = reference_source(problem.variant)
-        tensor_args = "".join(f", {n}" for n in problem.variant.tensors())
+        names = list(problem.variant.tensors())
+        tensor_args = (", *, " + ", ".join(names)) if names else ", **variant_tensors"
         import triton
 
         contract = render(
@@ -381,9 +383,17 @@ class LLMProposer:
         )
         cuda = self.cuda_allowed(problem)
         if cuda:
+            seed = cuda_build.seed_source(problem)
+            if seed != cuda_build.seed_source():
+                note = ("A simple, correct seed kernel for this problem (slow: one thread block per query row). "
+                        "Improve it or write your own:")
+            else:
+                note = ("A simple, correct seed kernel for FULL attention (slow: one thread block per query row). "
+                        "It does not implement this variant: add the variant's math (its tensors arrive in "
+                        "`extras`, in the order of SUPPORTS[\"variant_tensors\"]) or write your own:")
             contract += "\n\n" + render("contract_cuda", nvcc_cmd=cuda_build.nvcc_command(),
-                                        shim=cuda_build.shim_header_text().rstrip(),
-                                        seed=cuda_build.seed_source(problem).rstrip())
+                                        shim=cuda_build.shim_header_text().rstrip(), seed=seed.rstrip(),
+                                        seed_note=note)
         best = best_so_far(history)
         if best is not None:
             c = best.candidate
@@ -406,7 +416,7 @@ class LLMProposer:
     def _feedback_text(self, problem: Problem, history: list[Feedback], state: _SignatureState | None) -> str:
         new = history[state.history_seen:] if state else history[-MAX_FEEDBACK_ITEMS:]
         fails = [f for f in self.failures if f.spec_uri == problem.spec.uri]
-        new_fails = fails[state.failures_seen:] if state else fails[-MAX_FEEDBACK_ITEMS:]
+        new_fails = [f for f in (fails[state.failures_seen:] if state else fails) if f.from_answer]
         if not new and not new_fails:
             return "This is the first round."
         # this proposer's own candidates first: their feedback is what the model can act on
@@ -550,11 +560,11 @@ class LLMProposer:
 
             picked = pick_code(parsed.answer) if parsed.answer else None
             return _Outcome(None, Failure(parsed.reason, problem.spec.uri, sample, prov,
-                                          code=picked[0] if picked else ""), tokens)
+                                          code=picked[0] if picked else "", from_answer=True), tokens)
         if parsed.language == "cuda" and not self.cuda_allowed(problem):
             why = ("a CUDA kernel cannot run here (" +
                    ("CPU interpreter" if problem.device != "cuda" else "no nvcc") + "); answer in Triton")
-            return _Outcome(None, Failure(why, problem.spec.uri, sample, prov), tokens)
+            return _Outcome(None, Failure(why, problem.spec.uri, sample, prov, from_answer=True), tokens)
         cand = Candidate(
             source=parsed.code, language=parsed.language, proposer=self.name,
             config={"model": self.model, "temperature": s.llm_temperature, "top_p": TOP_P,
@@ -564,7 +574,8 @@ class LLMProposer:
         return _Outcome(cand, None, tokens)
 
     def close(self) -> None:
-        """Stop accepting work; requests in flight are abandoned (their watchdogs still cut them)."""
+        """Stop accepting work. Requests in flight are abandoned, not awaited; their watchdogs and
+        read timeouts still end them within ``llm_request_timeout_s``."""
         if self._closed:
             return
         self._closed = True

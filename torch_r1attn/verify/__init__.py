@@ -63,6 +63,7 @@ __all__ = ["verify", "VerifierPool", "VerifyResult", "CheckResult", "Protocol", 
            "VerifierError", "timing_table"]
 
 TIMING_SEED = 97
+_MAX_PREPARED = 8
 
 
 class VerifierError(RuntimeError):
@@ -236,6 +237,9 @@ class VerifierPool:
         p = _Prepared(problem, trials, d, scale)
         with self._lock:
             self._prepared[id(problem)] = p
+            while len(self._prepared) > _MAX_PREPARED:  # a long-lived pool (the tuner) sees many problems
+                old = self._prepared.pop(next(iter(self._prepared)))
+                shutil.rmtree(old.dir, ignore_errors=True)
         return p
 
     # ---- verification

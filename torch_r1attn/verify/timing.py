@@ -170,12 +170,10 @@ def measure_ceilings() -> dict[str, float]:
     b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
     c = torch.empty(n, n, device="cuda", dtype=torch.bfloat16)
     mm = bench(lambda: torch.matmul(a, b, out=c), [()], warmup_ms=50, rep_ms=200, min_reps=10, max_reps=100)
-    del a, b, c
     nbytes = 1 << 30
     src = torch.empty(nbytes // 2, device="cuda", dtype=torch.bfloat16).normal_()
     dst = torch.empty_like(src)
     cp = bench(lambda: dst.copy_(src), [()], warmup_ms=50, rep_ms=200, min_reps=10, max_reps=100)
-    del src, dst
     tflops = 2 * n ** 3 / (mm["median_ms"] * 1e-3) / 1e12
     gbps = 2 * nbytes / (cp["median_ms"] * 1e-3) / 1e9
     return {"matmul_bf16_tflops": tflops, "copy_gbps": gbps}

@@ -348,8 +348,6 @@ class _Worker:
         return fatal
 
     def _time(self, kern, pmeta: dict, job: dict) -> dict:
-        import torch
-
         from ..problem import Problem, variant_from_recipe, variant_has_opaque
         from ..spec import AttentionSpec
         from . import timing
