@@ -433,6 +433,20 @@ def test_real_worker_reports_cached_entries(cache_dir):
     assert by["pos"].winner == "0123456789abcdef templates BLOCK_M=16,num_warps=4"
 
 
+@pytest.mark.slow
+def test_real_worker_searches_on_cpu_then_reports_cached(cache_dir):
+    """The whole path on the CPU: interpreter-mode worker, templates search, cache, then a hit."""
+    job = make_job("causal", 32)
+    s = Settings(budget_s=60.0, max_candidates=2, rounds=1, samples=2, workers=1, cache_dir=str(cache_dir))
+    (first,) = run_jobs([job], [], settings=s, progress=False)
+    assert first.status in ("kernel", "negative"), first.error
+    assert first.gpu == "cpu" and first.error is None
+    (second,) = run_jobs([job], None, settings=s, progress=False)  # None: every visible GPU = none here
+    assert second.status == "cached", second.error
+    if first.status == "kernel":
+        assert second.winner.split()[0] == first.winner.split()[0]  # the same candidate, from the cache
+
+
 # ------------------------------------------------------------------------------------- GPU
 @pytest.mark.gpu
 @pytest.mark.slow

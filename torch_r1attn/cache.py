@@ -173,7 +173,9 @@ def make_check_case(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, variant, 
     out = {p + "q": q, p + "k": k, p + "v": v, p + "ref": ref, p + "baseline": baseline.to(q.dtype),
            p + "scale": torch.tensor(float(scale), dtype=torch.float64)}
     out.update({f"{p}vt.{n}": t for n, t in variant.tensors().items()})
-    return {n: t.detach().cpu().contiguous() for n, t in out.items()}
+    # clone: one variant tensor (ALiBi slopes) may appear in several cases, and safetensors
+    # refuses to save tensors that share memory
+    return {n: t.detach().cpu().contiguous().clone() for n, t in out.items()}
 
 
 def split_check_set(tensors: dict[str, torch.Tensor]) -> list[CheckCase]:

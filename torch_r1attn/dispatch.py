@@ -31,12 +31,13 @@ import torch
 
 from . import fallback
 from .config import settings
-from .spec import AttentionSpec
+from .spec import AttentionSpec, length_bucket
 from .variants import Variant
 
 log = logging.getLogger(__name__)
 
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_UNCHECKED = object()
 _RECHECK_S = 1.0
 
 
@@ -49,6 +50,7 @@ class Resolved:
     kernel_info: dict[str, Any] = field(default_factory=dict)
     pending: Any = None  # a background job handle while a search runs
     next_check: float = 0.0
+    unsupported: Any = None  # _UNCHECKED until the kernel's SUPPORTS was checked for this entry
 
 
 _table: dict[tuple, Resolved] = {}
@@ -90,8 +92,10 @@ def forward(q, k, v, variant: Variant, scale: float, enable_gqa: bool, dropout_p
         log_once(logging.INFO, ("nokernel", variant.key, path, reason), "r1attn %s: %s -> %s", variant.key, reason, path)
         return fallback.run(path, q, k, v, variant, scale, enable_gqa, dropout_p)
 
+    # The table is keyed like the spec (length *buckets*), so a decode loop whose Sk grows by one
+    # per step stays on one entry instead of resolving (a disk lookup) every step.
     key = (variant.key, q.dtype, q.shape[-1], v.shape[-1], q.shape[1] // k.shape[1],
-           q.shape[2], k.shape[2], q.device)
+           length_bucket(q.shape[2]), length_bucket(k.shape[2]), q.device)
     r = _table.get(key)
     if r is None:
         with _lock:
@@ -104,7 +108,11 @@ def forward(q, k, v, variant: Variant, scale: float, enable_gqa: bool, dropout_p
         _poll(r)
 
     if r.kernel is not None:
-        why = r.kernel.unsupported(q, k, v)
+        # everything SUPPORTS can restrict (dtype, dims, GQA, lengths <= bucket max, device) is
+        # fixed by the table key, so the check runs once per entry, not per call
+        why = r.unsupported
+        if why is _UNCHECKED:
+            why = r.unsupported = r.kernel.unsupported(q, k, v)
         if why is None:
             out = torch.empty(q.shape[:-1] + (v.shape[-1],), dtype=q.dtype, device=q.device)
             r.kernel(q, k, v, out, scale, **variant.tensors())
@@ -165,6 +173,7 @@ def _try_cache(r: Resolved) -> bool:
                  "fallback %s", r.spec.uri, type(e).__name__, e, r.path)
         return True
     r.kernel_info = dict(entry.meta.get("measurements", {}))
+    r.unsupported = _UNCHECKED
     r.pending = None
     log_once(logging.INFO, ("hit", r.spec.uri), "r1attn %s: using cached kernel %s", r.spec.uri, entry.path)
     return True

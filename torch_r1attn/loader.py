@@ -20,7 +20,7 @@
 Triton candidates are Python files imported as uniquely named modules (never ``exec`` in the
 caller's process: the file on disk *is* what was verified, checked by hash before import).
 CUDA candidates are ``.cu`` files with the same ``forward`` entry point, built by
-:mod:`torch_r1attn.cuda_build` (see there for why ``torch.utils.cpp_extension``).
+:mod:`torch_r1attn.cuda_build` (nvcc + ctypes; see there for why not ``torch.utils.cpp_extension``).
 
 **Cache entries** (:func:`load`): the source bytes are read once, checked against the entry's
 ``source_sha256``, and *those bytes* are what is imported (or built) — never a second read of the

@@ -17,8 +17,9 @@ Failure policy:
   its in-flight job re-queued ``max_requeue`` times (default once), preferring another GPU; after
   that the job is reported ``failed`` with every attempt's reason and the run goes on;
 * a dead worker is restarted in its slot while work remains; a worker that fails *before* it is
-  ready (no ``hello``) takes its slot out of the run, and when no slot is left the remaining jobs
-  are reported ``failed`` with the reasons;
+  ready (no ``hello``, a ``fatal`` message, another protocol version), or a slot whose workers die
+  :data:`_MAX_CONSECUTIVE_DEATHS` times in a row, takes that slot out of the run; when no slot is
+  left the remaining jobs are reported ``failed`` with the reasons;
 * jobs with the same ``spec.hash`` are searched once and reported under each label;
 * ``KeyboardInterrupt`` (or any error in the parent) kills every worker's process group.
 
@@ -34,9 +35,10 @@ Worker protocol (version :data:`PROTOCOL_VERSION`), JSON lines, one object per l
                                 {"type": "fatal", "error": "..."}   cannot work at all, then exits
 
 The real worker (``python -m torch_r1attn.schedule worker``) keeps the protocol on a private
-duplicate of its original stdout and points fd 1 at stderr before importing anything heavy, so
-``print`` calls or C-level writes from torch/Triton/kernels can never corrupt a result line; it
-also moves stdin to a private fd so no grandchild can read job lines. Settings reach the workers
+duplicate of its original stdout and points fd 1 at stderr before it says hello, so ``print``
+calls or C-level writes from torch/Triton/kernels during a search can never corrupt a result line
+(anything written before that, during imports, reaches the parent as a non-protocol line, which it
+logs and ignores); it also moves stdin to a private fd so no grandchild can read job lines. Settings reach the workers
 as ``R1ATTN_*`` environment variables (see :func:`settings_env`). Each worker's stderr goes to a
 log file in the run's private temp directory; when a worker dies, the tail of that log is part of
 the job's error.
@@ -735,10 +737,11 @@ class _Scheduler:
         self.workers.clear()
 
     def _kill_all(self) -> None:
-        for w in self.all_workers:
+        # only live workers: a dead one's group was killed in _on_death, and its pid may be reused
+        for w in self.workers:
             w.kill(signal.SIGTERM)
         deadline = time.monotonic() + 2.0
-        for w in self.all_workers:
+        for w in self.workers:
             try:
                 w.proc.wait(timeout=max(0.05, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
@@ -806,8 +809,8 @@ def _worker_loop(handle_job: Callable[[dict], dict], startup: Callable[[], dict]
         except ValueError:
             log.error("ignoring a malformed job line: %.200s", line)
             continue
-        if msg.get("type") != "job":
-            log.error("ignoring a message of type %r", msg.get("type"))
+        if not isinstance(msg, dict) or msg.get("type") != "job":
+            log.error("ignoring a message that is not a job: %.200s", line)
             continue
         try:
             res = handle_job(msg)

@@ -42,10 +42,7 @@ def length_bucket(n: int) -> int:
     """Smallest bucket >= n: 1, 2, 4, 8, 16, then powers of two."""
     if n < 1:
         raise ValueError(f"sequence length must be >= 1, got {n}")
-    for b in _SMALL_BUCKETS:
-        if n <= b:
-            return b
-    return 1 << (n - 1).bit_length()
+    return 1 << (n - 1).bit_length()  # 1, 2, 4, 8, 16 and every power of two above
 
 
 @dataclass(frozen=True)

@@ -455,8 +455,6 @@ class LLMProposer:
             self._fail(problem, f"request budget spent ({st.requests} of llm_max_requests={s.llm_max_requests})")
             return []
         prompt = self.build_prompt(problem, history, st)
-        st.history_seen = len(history)
-        st.failures_seen = sum(1 for f in self.failures if f.spec_uri == problem.spec.uri)
         prompt_tokens = len(prompt) // CHARS_PER_TOKEN + 1
         tokens_left = s.llm_max_total_tokens - st.tokens
         while k > 0 and tokens_left // k - prompt_tokens < MIN_ANSWER_TOKENS:
@@ -465,6 +463,8 @@ class LLMProposer:
             self._fail(problem, f"token budget spent ({st.tokens} of llm_max_total_tokens={s.llm_max_total_tokens})")
             return []
         max_tokens = min(s.llm_max_tokens, tokens_left // k - prompt_tokens)
+        st.history_seen = len(history)  # the next prompt reports only what is newer than this one
+        st.failures_seen = sum(1 for f in self.failures if f.spec_uri == problem.spec.uri)
         deadline = min(s.llm_request_timeout_s, remaining_s)
         sha = hashlib.sha256(prompt.encode()).hexdigest()
         st.requests += k
