@@ -413,7 +413,11 @@ def test_worker_loop_keeps_stdout_noise_off_the_protocol(fake_env, caplog, monke
 @pytest.mark.slow
 def test_real_worker_reports_cached_entries(cache_dir):
     cache = pytest.importorskip("torch_r1attn.cache", reason="torch_r1attn.cache is not available yet")
-    c = cache.default_cache()
+    from torch_r1attn.spec import device_fingerprint
+
+    # the CPU worker sees no GPU even on a GPU host, so it reads the CPU shard of the cache
+    versions = {k: device_fingerprint()[k] for k in ("torch", "triton", "cuda")}
+    c = cache.KernelCache(root=cache_dir, fingerprint={**versions, "device": "cpu-interpreter", "cc": "none"})
     neg = make_job("neg", 16)
     c.store_negative(neg.spec, {"reason": "test", "best_baseline": "sdpa_math"})
     var = V.causal()
@@ -441,7 +445,7 @@ def test_real_worker_searches_on_cpu_then_reports_cached(cache_dir):
     (first,) = run_jobs([job], [], settings=s, progress=False)
     assert first.status in ("kernel", "negative"), first.error
     assert first.gpu == "cpu" and first.error is None
-    (second,) = run_jobs([job], None, settings=s, progress=False)  # None: every visible GPU = none here
+    (second,) = run_jobs([job], [], settings=s, progress=False)
     assert second.status == "cached", second.error
     if first.status == "kernel":
         assert second.winner.split()[0] == first.winner.split()[0]  # the same candidate, from the cache

@@ -1,6 +1,6 @@
 """Build and load CUDA C++ kernel candidates: plain ``nvcc`` + ``ctypes``.
 
-A CUDA candidate is one ``.cu`` file that includes ``r1attn_shim.h`` (``torch_r1attn/csrc/``) and
+A CUDA candidate is one ``.cu`` file that includes ``r1attn_shim.h`` (``csrc/``) and
 exports a C ABI (see the header)::
 
     extern "C" const char* r1attn_supports();   // SUPPORTS as JSON (+ "variant_tensors": [names])
@@ -53,7 +53,17 @@ from .loader import KernelLoadError
 
 log = logging.getLogger(__name__)
 
-CSRC_DIR = Path(__file__).resolve().parent / "csrc"
+def _csrc_dir() -> Path:
+    """``csrc/`` holds the shim and the seed kernel: inside the package in an installed wheel
+    (setup.py copies it there), at the repository's top level in a source / editable checkout."""
+    here = Path(__file__).resolve().parent
+    for cand in (here / "csrc", here.parent / "csrc"):
+        if (cand / "r1attn_shim.h").is_file():
+            return cand
+    return here / "csrc"
+
+
+CSRC_DIR = _csrc_dir()
 SHIM_HEADER = CSRC_DIR / "r1attn_shim.h"
 SEED_SOURCE = CSRC_DIR / "seed_attention.cu"
 ABI_VERSION = 1
