@@ -65,7 +65,9 @@ def attention(
     # Fast path: a call shaped like an earlier one re-uses its validated variant (validation is a
     # pure function of these fields; the variant is immutable). Saves ~8 us per call on the CPU.
     fk = None
-    if attn_mask is None and type(query) is torch.Tensor and type(key) is torch.Tensor and type(value) is torch.Tensor:
+    compiling = _is_compiling()
+    if (not compiling and attn_mask is None and type(query) is torch.Tensor and type(key) is torch.Tensor
+            and type(value) is torch.Tensor):
         fk = (variant, query.shape, key.shape, value.shape, query.dtype, key.dtype, value.dtype, query.device,
               key.device, value.device, is_causal, enable_gqa)
         hit = _validated.get(fk)
@@ -82,7 +84,7 @@ def attention(
     variant = hit
     if scale is None:
         scale = 1.0 / math.sqrt(query.shape[-1])
-    if _is_compiling():  # dispatch is not traceable: one opaque op in the graph
+    if compiling:  # dispatch is not traceable: one opaque op in the graph
         from .ops import attention_op
 
         return attention_op(query, key, value, variant, float(scale), enable_gqa, float(dropout_p), on_miss)

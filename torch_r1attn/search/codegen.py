@@ -21,6 +21,20 @@ Names a fragment may use, defined by every kernel that pastes fragments::
                      for every valid row of the program (no per-element mask needed there)
     Sq, Sk, OFFSET, FAST_TANH (constexpr)
 
+Mask parts of the interval kind (causal, sliding window, prefix-LM) do not write per-element
+code: they give a per-row lower bound ``lb`` (``kv >= lb(q_pos)``, which holds for every row
+once ``kv >= flo``) and/or upper bound ``ub`` (``kv <= ub(q_pos)``, which holds once
+``kv < fhi``). The kernel folds them (and ``kv < Sk``) into two row vectors in the prologue, so
+a boundary tile pays one or two integer compares per element, and the tiles after the
+fully-allowed run test the upper bound only. Other mask parts (documents, dense masks,
+``mask_mod``) stay per-element ``mask`` lines, AND-ed in every masked tile.
+
+Score parts are *additive* (ALiBi, relative bias, dense bias: ``s + bias``) or not (soft-cap,
+traced ``score_mod``). Additive parts after the last non-additive one are written in the
+kernel's score units ``__UNIT__`` (log2(e) with the base-2 softmax, else 1), so the base-2
+conversion folds into the qk multiply instead of costing a multiply per element; see
+:func:`variant_code`.
+
 Every part becomes a :class:`Fragment` (kernel parameters and the launcher expressions that
 feed them, host setup, once-per-program prologue, block-range lines, tile mask lines, tile
 score lines). ``score_mod`` / ``mask_mod`` callables are traced by a small ``__torch_function__``
@@ -86,6 +100,11 @@ class Fragment:
     score: list[str] = field(default_factory=list)  # every loop
     masks_elements: bool = False  # needs per-element masking somewhere in [lo, hi)
     doc_ranges: list[str] = field(default_factory=list)  # names of per-block range tensors
+    lb: list[str] = field(default_factory=list)  # (BLOCK_M,) row expressions: kv >= lb
+    ub: list[str] = field(default_factory=list)  # (BLOCK_M,) row expressions: kv <= ub
+    additive: bool = False  # score part of the form s + bias (bias not depending on s)
+    score_rowfree: list[str] | None = None  # score lines up to a per-row constant (see _alibi)
+    constexprs: list[tuple[str, str]] = field(default_factory=list)  # (kernel name, launcher expr)
 
     def add_param(self, name: str, arg: str) -> None:
         self.params.append(name)
@@ -102,7 +121,7 @@ def _bind(f: "Fragment", name: str) -> None:
 def _causal(p: V.Causal, pre: str, ctx: Ctx) -> Fragment:
     f = Fragment(masks_elements=True)
     f.ranges += ["hi = tl.minimum(hi, qmax + 1)", "fhi = tl.minimum(fhi, qmin + 1)"]
-    f.mask.append("allowed = allowed & (kv_r <= q_pos_c)")
+    f.ub.append("q_pos")
     return f
 
 
@@ -113,7 +132,8 @@ def _sliding_window(p: V.SlidingWindow, pre: str, ctx: Ctx) -> Fragment:
         f"lo = tl.maximum(lo, qmin - {w - 1})", "hi = tl.minimum(hi, qmax + 1)",
         f"flo = tl.maximum(flo, qmax - {w - 1})", "fhi = tl.minimum(fhi, qmin + 1)",
     ]
-    f.mask += [f"{pre}d = q_pos_c - kv_r", f"allowed = allowed & ({pre}d >= 0) & ({pre}d < {w})"]
+    f.lb.append(f"q_pos - {w - 1}")
+    f.ub.append("q_pos")
     return f
 
 
@@ -122,7 +142,7 @@ def _prefix_lm(p: V.PrefixLM, pre: str, ctx: Ctx) -> Fragment:
     n = int(p.prefix_len)
     f.ranges += [f"hi = tl.minimum(hi, tl.maximum(qmax + 1, {n}))",
                  f"fhi = tl.minimum(fhi, tl.maximum(qmin + 1, {n}))"]
-    f.mask.append(f"allowed = allowed & ((kv_r < {n}) | (kv_r <= q_pos_c))")
+    f.ub.append(f"tl.maximum(q_pos, {n - 1})")  # kv < n  or  kv <= q_pos
     return f
 
 
@@ -182,12 +202,18 @@ def _dense_mask(p: V.DenseMask, pre: str, ctx: Ctx) -> Fragment:
 
 # ------------------------------------------------------------------------------ score parts
 def _alibi(p: V.Alibi, pre: str, ctx: Ctx) -> Fragment:
-    f = Fragment()
+    """``s += slope[h] * (kv - q_pos)``. When nothing non-linear follows (see
+    :func:`variant_code`), the kernel instead adds ``slope * (kv - qmin)``: it differs by a
+    per-row constant, which softmax cancels, and costs one add per element (the column term is
+    a BLOCK_N vector per tile) instead of a subtract, a convert and a multiply-add."""
+    f = Fragment(additive=True)
     t = f"{pre}alibi_slopes"
     _bind(f, t)
     m = ", mask=row_ok, other=0.0" if ctx.decode else ""
-    f.prologue.append(f"{pre}slope = {ctx.col(f'tl.load({t} + {ctx.head}{m}).to(tl.float32)')}")
+    f.prologue.append(f"{pre}slope = {ctx.col(f'tl.load({t} + {ctx.head}{m}).to(tl.float32)')} * __UNIT__")
     f.score.append(f"s = s + {pre}slope * (kv_r - q_pos_c).to(tl.float32)")
+    if not ctx.decode:
+        f.score_rowfree = [f"s = s + ({pre}slope * (kv_idx - qmin).to(tl.float32))[None, :]"]
     return f
 
 
@@ -200,8 +226,15 @@ def _softcap(p: V.Softcap, pre: str, ctx: Ctx) -> Fragment:
 
 def _relative_bias(p: V.RelativeBias, pre: str, ctx: Ctx) -> Fragment:
     """``s += table[h, clamp(kv - q_pos, -R, R) + R]``. Along a row the index is contiguous in
-    kv, so the tile load is coalesced (a Toeplitz band of the table, which stays in L1)."""
-    f = Fragment()
+    kv, so the tile load is coalesced (a Toeplitz band of the table, which stays in L1).
+
+    When the table covers every distance of the call (``R >= max |kv - q_pos|``, decided by
+    the launcher into the constexpr ``{pre}NOCLAMP``; true for the usual ``2*S-1`` tables) the
+    clamp is dead: the prefill kernel then keeps one pointer per row, ``row + (R - q_pos)``,
+    made once per program, and a tile costs one add and one load per element instead of a
+    subtract, two clamps, an add and a multiply. Rows past Sq and keys past Sk are clamped
+    (per row / per column vector) so no load leaves the table."""
+    f = Fragment(additive=True)
     t = f"{pre}rel_table"
     _bind(f, t)
     f.host += [f"{pre}R = ({t}.shape[1] - 1) // 2",
@@ -211,17 +244,26 @@ def _relative_bias(p: V.RelativeBias, pre: str, ctx: Ctx) -> Fragment:
     f.add_param(f"{pre}R", f"{pre}R")
     f.prologue.append(f"{pre}row = {t} + {ctx.col(ctx.head)} * {pre}sh")
     m = ", mask=row_ok_c, other=0.0" if ctx.decode else ""
-    f.score += [
+    clamped = [
         f"{pre}i = tl.minimum(tl.maximum(kv_r - q_pos_c, -{pre}R), {pre}R) + {pre}R",
-        f"s = s + tl.load({pre}row + {pre}i * {pre}sw{m}).to(tl.float32)",
+        f"s = s + tl.load({pre}row + {pre}i * {pre}sw{m}).to(tl.float32) * __UNIT__",
     ]
+    if ctx.decode:
+        f.score += clamped
+        return f
+    f.constexprs.append((f"{pre}NOCLAMP", f"{pre}R >= max(Sq - 1 + offset, Sk - 1 - offset)"))
+    f.prologue.append(f"{pre}rp = {pre}row + ({pre}R - tl.minimum(q_pos, Sq - 1 + OFFSET)) * {pre}sw")
+    f.score += [f"if {pre}NOCLAMP:"] + ["    " + ln for ln in [
+        f"{pre}kc = tl.minimum(kv_idx, Sk - 1)",
+        f"s = s + tl.load({pre}rp[:, None] + ({pre}kc * {pre}sw)[None, :]).to(tl.float32) * __UNIT__",
+    ]] + ["else:"] + ["    " + ln for ln in clamped]
     return f
 
 
 def _dense_bias(p: V.DenseBias, pre: str, ctx: Ctx) -> Fragment:
-    f = Fragment()
+    f = Fragment(additive=True)
     ptr = _dense_tile(pre, f"{pre}attn_bias", ctx, f)
-    f.score.append(f"s = s + tl.load({ptr}, mask=row_ok_c & kv_ok_r, other=0.0).to(tl.float32)")
+    f.score.append(f"s = s + tl.load({ptr}, mask=row_ok_c & kv_ok_r, other=0.0).to(tl.float32) * __UNIT__")
     return f
 
 
@@ -593,10 +635,16 @@ def part_fragment(part: V.Part, index: int, ctx: Ctx = Ctx()) -> Fragment:
 
 @dataclass
 class VariantCode:
-    """All fragments of a variant, merged (order = canonical order: masks, then scores)."""
+    """All fragments of a variant, merged (order = canonical order: masks, then scores).
+
+    ``exp2``: additive score parts after ``last_nonadditive`` are already in base-2 units
+    (their ``__UNIT__`` is log2(e)); the template converts ``s`` to base 2 right after the
+    fragment ``last_nonadditive`` (or in the qk multiply when it is -1)."""
 
     fragments: list[Fragment]
     softcap_first: float | None  # cap of a leading Softcap (its 1/cap folds into the qk scale)
+    exp2: bool = False
+    last_nonadditive: int = -1  # index into fragments of the last non-additive score part
 
     @property
     def params(self) -> list[str]:
@@ -608,6 +656,10 @@ class VariantCode:
 
     def lines(self, what: str) -> list[str]:
         return [line for f in self.fragments for line in getattr(f, what)]
+
+    @property
+    def constexprs(self) -> list[tuple[str, str]]:
+        return [c for f in self.fragments for c in f.constexprs]
 
     @property
     def has_score(self) -> bool:
@@ -622,13 +674,30 @@ class VariantCode:
         return any(f.doc_ranges for f in self.fragments)
 
 
-def variant_code(variant: V.Variant, ctx: Ctx = Ctx()) -> VariantCode:
-    """Fragments for every canonical part of ``variant``. Raises :class:`Untraceable`."""
+def variant_code(variant: V.Variant, ctx: Ctx = Ctx(), exp2: bool = False) -> VariantCode:
+    """Fragments for every canonical part of ``variant``. Raises :class:`Untraceable`.
+
+    ``exp2``: the kernel's softmax runs in base 2; additive score parts that no non-linear
+    part follows are then emitted in base-2 units (``__UNIT__`` = log2(e), which costs nothing
+    in a multiply-add) and use their row-free form where they have one (adding a per-row
+    constant before a softmax changes nothing)."""
     parts = variant.canonical_parts
     frags = [part_fragment(p, i, ctx) for i, p in enumerate(parts)]
     scores = [p for p in parts if p.kind == "score"]
     first = float(scores[0].cap) if scores and isinstance(scores[0], V.Softcap) else None
-    return VariantCode(frags, first)
+    score_idx = [i for i, f in enumerate(frags) if f.score]
+    nonadd = [i for i in score_idx if not frags[i].additive]
+    last = max(nonadd) if nonadd else -1
+    for i in score_idx:
+        f = frags[i]
+        tail = i > last
+        if tail and f.score_rowfree:
+            f.score = list(f.score_rowfree)
+        unit = LOG2E if (exp2 and tail) else None
+        sub = (lambda ln, u=unit: ln.replace("__UNIT__", repr(u)) if u is not None else ln.replace(" * __UNIT__", ""))
+        f.score = [sub(ln) for ln in f.score]
+        f.prologue = [sub(ln) for ln in f.prologue]
+    return VariantCode(frags, first, exp2, last)
 
 
 # Helpers every generated kernel module defines (pasted verbatim by the templates).

@@ -159,29 +159,49 @@ def _indent(lines: list[str], n: int) -> list[str]:
 
 
 def _score_lines(vc: VariantCode, cfg: dict[str, Any]) -> tuple[list[str], float]:
-    """Score-part lines for the tile and the factor the launcher multiplies the scale by."""
-    lines = vc.lines("score")
+    """Score-part lines for the tile and the factor the launcher multiplies the scale by.
+
+    With ``exp2``, ``s`` enters base-2 units as early as possible: in the qk multiply when every
+    score part is additive (those parts were emitted in base-2 units by ``variant_code``), else
+    right after the last non-additive part (folded into a soft-cap's output multiply)."""
     factor = 1.0
-    log2_done = False
-    if vc.softcap_first is not None:
-        cap = vc.softcap_first
-        first = f"s = _tanh(s * {1.0 / cap!r}, FAST_TANH) * {cap!r}"
-        i = lines.index(first)
-        factor = 1.0 / cap  # fold 1/cap into the qk multiply: one multiply fewer per element
-        if cfg["exp2"] and i == len(lines) - 1:
-            lines[i] = f"s = _tanh(s, FAST_TANH) * {cap * LOG2E!r}"
-            log2_done = True
-        else:
-            lines[i] = f"s = _tanh(s, FAST_TANH) * {cap!r}"
-    if lines and cfg["exp2"] and not log2_done:
-        lines.append(f"s = s * {LOG2E!r}")
-    if not lines and cfg["exp2"]:
-        factor = LOG2E  # s is born in base-2 units
+    lines: list[str] = []
+    cap = vc.softcap_first
+    first_score = next((i for i, f in enumerate(vc.fragments) if f.score), None)
+    for i, f in enumerate(vc.fragments):
+        if not f.score:
+            continue
+        fl = list(f.score)
+        if i == first_score and cap is not None:
+            factor = 1.0 / cap  # fold 1/cap into the qk multiply: one multiply fewer per element
+            head = f"s = _tanh(s * {1.0 / cap!r}, FAST_TANH) * {cap!r}"
+            j = fl.index(head)
+            to2 = cfg["exp2"] and i == vc.last_nonadditive and j == len(fl) - 1
+            fl[j] = f"s = _tanh(s, FAST_TANH) * {(cap * LOG2E) if to2 else cap!r}"
+            lines += fl
+            if cfg["exp2"] and i == vc.last_nonadditive and not to2:
+                lines.append(f"s = s * {LOG2E!r}")
+            continue
+        lines += fl
+        if cfg["exp2"] and i == vc.last_nonadditive:
+            lines.append(f"s = s * {LOG2E!r}")
+    if cfg["exp2"] and vc.last_nonadditive < 0:
+        factor = LOG2E  # s is born in base-2 units; additive parts were emitted in them
     return lines, factor
 
 
-def _loop(kind: str, start: str, end: str, masked: bool, cfg: dict[str, Any], vc: VariantCode,
+def _mask_lines(vc: VariantCode, mode: str) -> list[str]:
+    """Per-element mask of a boundary tile. ``mode`` "all": every bound and mask line; "upper":
+    tiles at or after the fully-allowed run, where every lower bound holds (kv >= flo)."""
+    conds = ["kv_r <= row_ub_c"]
+    if mode == "all" and vc.lines("lb"):
+        conds.insert(0, "kv_r >= row_lb_c")
+    return ["allowed = " + " & ".join(f"({c})" for c in conds)] + vc.lines("mask")
+
+
+def _loop(kind: str, start: str, end: str, mode: str, cfg: dict[str, Any], vc: VariantCode,
           score: list[str], even_d: bool, even_dv: bool, prec: str) -> list[str]:
+    masked = mode != "none"
     ws = ", warp_specialize=True" if cfg["warp_specialize"] else ""
     rng = f"tl.range({start}, {end}, BLOCK_N{ws})" if ws else f"range({start}, {end}, BLOCK_N)"
     dm = "" if even_d else "offs_d[None, :] < D"
@@ -207,8 +227,7 @@ def _loop(kind: str, start: str, end: str, masked: bool, cfg: dict[str, Any], vc
     body.append("s = qk" if cfg["fold_scale"] else "s = qk * qk_mul")
     body += score
     if masked:
-        body.append("allowed = kv_ok_r")
-        body += vc.lines("mask")
+        body += _mask_lines(vc, mode)
         body.append('s = tl.where(allowed, s, float("-inf"))')
     body += [
         "m_new = tl.maximum(m_i, tl.max(s, 1))",
@@ -228,6 +247,8 @@ def _loop(kind: str, start: str, end: str, masked: bool, cfg: dict[str, Any], vc
     return [f"for start_n in {rng}:"] + _indent(body, 4)
 
 
+# Loops: [lo, f0) all masks, [f0, f1) none, [f1, hi) upper bounds only (kv >= f1 > f0 >= flo,
+# so every lower bound holds). With no fully-allowed block, [lo, hi) takes all masks.
 _RANGE_TAIL = [
     "lo = tl.maximum(lo, 0)",
     "hi = tl.minimum(hi, Sk)",
@@ -237,8 +258,8 @@ _RANGE_TAIL = [
     "f0 = ((flo + BLOCK_N - 1) // BLOCK_N) * BLOCK_N",
     "f1 = (fhi // BLOCK_N) * BLOCK_N",
     "no_full = f1 <= f0",
-    "f0 = tl.where(no_full, lo, f0)",
-    "f1 = tl.where(no_full, lo, f1)",
+    "f0 = tl.where(no_full, hi, f0)",
+    "f1 = tl.where(no_full, hi, f1)",
 ]
 
 
@@ -249,19 +270,41 @@ def _loops(kind, cfg, vc, score, even_d, even_dv, prec) -> list[str]:
         "acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)",
     ]
     if cfg["split_loop"]:
-        out += ["# boundary blocks before the fully-allowed run (masked)"]
-        out += _loop(kind, "lo", "f0", True, cfg, vc, score, even_d, even_dv, prec)
+        out += ["# boundary blocks before the fully-allowed run (every mask)"]
+        out += _loop(kind, "lo", "f0", "all", cfg, vc, score, even_d, even_dv, prec)
         out += ["# fully-allowed interior blocks: no per-element mask"]
-        out += _loop(kind, "f0", "f1", False, cfg, vc, score, even_d, even_dv, prec)
-        out += ["# boundary blocks after it (masked; includes the kv edge)"]
-        out += _loop(kind, "f1", "hi", True, cfg, vc, score, even_d, even_dv, prec)
+        out += _loop(kind, "f0", "f1", "none", cfg, vc, score, even_d, even_dv, prec)
+        out += ["# boundary blocks after it (upper bounds only; includes the kv edge)"]
+        out += _loop(kind, "f1", "hi", "upper", cfg, vc, score, even_d, even_dv, prec)
     else:
-        out += _loop(kind, "lo", "hi", True, cfg, vc, score, even_d, even_dv, prec)
+        out += _loop(kind, "lo", "hi", "all", cfg, vc, score, even_d, even_dv, prec)
+    return out
+
+
+def _row_bounds(vc: VariantCode) -> list[str]:
+    """Prologue: the interval mask parts' per-row bounds, folded once per program."""
+    def fold(fn: str, xs: list[str]) -> str:
+        e = xs[0]
+        for x in xs[1:]:
+            e = f"{fn}({e}, {x})"
+        return e
+
+    out = [f"row_ub_c = ({fold('tl.minimum', vc.lines('ub') + ['Sk - 1'])})" + ("[:, None]" if vc.lines("ub") else "")]
+    if vc.lines("lb"):
+        out.append(f"row_lb_c = ({fold('tl.maximum', vc.lines('lb'))})[:, None]")
     return out
 
 
 def _kernel_params(vc: VariantCode) -> str:
     return "".join(f"{p}, " for p in vc.params)
+
+
+def _constexpr_params(vc: VariantCode) -> str:
+    return "".join(f", {name}: tl.constexpr" for name, _ in vc.constexprs)
+
+
+def _constexpr_args(vc: VariantCode) -> str:
+    return "".join(f"{name}={expr}, " for name, expr in vc.constexprs)
 
 
 def _prefill_kernel(vc, cfg, score, even_d, even_dv, prec) -> list[str]:
@@ -275,7 +318,7 @@ def _prefill_kernel(vc, cfg, score, even_d, even_dv, prec) -> list[str]:
         "              sob, soh, som, sod, H, Sq, Sk, OFFSET, NUM_M, " + _kernel_params(vc),
         "              GQA: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, BLOCK_M: tl.constexpr,",
         "              BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,",
-        "              FAST_TANH: tl.constexpr, USE_TMA: tl.constexpr):",
+        "              FAST_TANH: tl.constexpr, USE_TMA: tl.constexpr" + _constexpr_params(vc) + "):",
     ]
     b = [
         "pid = tl.program_id(0)",
@@ -319,7 +362,7 @@ def _prefill_kernel(vc, cfg, score, even_d, even_dv, prec) -> list[str]:
         ]
     else:
         b.append(qload)
-    b += fold + vc.lines("prologue")
+    b += fold + vc.lines("prologue") + _row_bounds(vc)
     b += ["lo = zero", "hi = zero + Sk", "flo = zero", "fhi = zero + Sk"] + vc.lines("ranges") + _RANGE_TAIL
     b += _loops("prefill", cfg, vc, score, even_d, even_dv, prec)
     b += [
@@ -343,7 +386,7 @@ def _decode_kernels(vc, cfg, score, even_d, even_dv, prec) -> list[str]:
         "                 HKV, Sq, Sk, OFFSET, CHUNK, NS, " + _kernel_params(vc),
         "                 GQA: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, BLOCK_M: tl.constexpr,",
         "                 BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,",
-        "                 FAST_TANH: tl.constexpr):",
+        "                 FAST_TANH: tl.constexpr" + _constexpr_params(vc) + "):",
     ]
     lse = ('lse = tl.where(l_i == 0.0, float("-inf"), m_i + tl.log2(l_safe))' if cfg["exp2"] else
            f'lse = tl.where(l_i == 0.0, float("-inf"), (m_i + tl.log(l_safe)) * {LOG2E!r})')
@@ -377,7 +420,7 @@ def _decode_kernels(vc, cfg, score, even_d, even_dv, prec) -> list[str]:
         "k_base = K + off_b64 * skb + off_hk.to(tl.int64) * skh",
         "v_base = V + off_b64 * svb + off_hk.to(tl.int64) * svh",
     ]
-    b += fold + vc.lines("prologue")
+    b += fold + vc.lines("prologue") + _row_bounds(vc)
     b += ["lo = zero", "hi = zero + Sk", "flo = zero", "fhi = zero + Sk"] + vc.lines("ranges")
     b += ["lo = tl.maximum(lo, split * CHUNK)", "hi = tl.minimum(hi, split * CHUNK + CHUNK)"] + _RANGE_TAIL
     b += _loops("decode", cfg, vc, score, even_d, even_dv, prec)
@@ -525,7 +568,7 @@ def _host_prefill(vc: VariantCode, cfg, spec, factor: float, align_br: bool) -> 
         "    q, k, v, out, qk_mul, *q.stride(), *k.stride(), *v.stride(), *out.stride(),",
         f"    H, Sq, Sk, offset, NUM_M, {args}",
         "    GQA=GQA, D=HEAD_DIM, DV=HEAD_DIM_V, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D,",
-        f"    BLOCK_DV=BLOCK_DV, FAST_TANH=FAST_TANH, USE_TMA={'use_tma' if tma else 'False'},",
+        f"    BLOCK_DV=BLOCK_DV, FAST_TANH=FAST_TANH, USE_TMA={'use_tma' if tma else 'False'}, {_constexpr_args(vc)}",
         "    num_warps=NUM_WARPS, num_stages=NUM_STAGES)",
     ]
     return b
@@ -555,7 +598,7 @@ def _host_decode(vc: VariantCode, cfg, spec, factor: float, align_br: bool) -> l
         "    q, k, v, acc, lse, qk_mul, *q.stride(), *k.stride(), *v.stride(),",
         f"    HKV, Sq, Sk, offset, chunk, ns, {args}",
         "    GQA=GQA, D=HEAD_DIM, DV=HEAD_DIM_V, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D,",
-        "    BLOCK_DV=BLOCK_DV, FAST_TANH=FAST_TANH, num_warps=NUM_WARPS, num_stages=NUM_STAGES)",
+        f"    BLOCK_DV=BLOCK_DV, FAST_TANH=FAST_TANH, {_constexpr_args(vc)}num_warps=NUM_WARPS, num_stages=NUM_STAGES)",
         "_attn_combine[(B * H * Sq,)](acc, lse, out, H, Sq, ns, *out.stride(), DV=HEAD_DIM_V,",
         "                             BLOCK_S=triton.next_power_of_2(ns), BLOCK_DV=BLOCK_DV)",
     ]
@@ -578,7 +621,7 @@ def generate_source(problem: Problem, config: dict[str, Any] | None = None) -> s
     cfg = normalize_config(problem, config)
     spec = problem.spec
     decode = cfg["path"] == "decode"
-    vc = variant_code(problem.variant, Ctx(decode=decode))
+    vc = variant_code(problem.variant, Ctx(decode=decode), exp2=cfg["exp2"])
     score, factor = _score_lines(vc, cfg)
     D, DV = spec.head_dim, spec.head_dim_v
     BD, BDV = _pow2_at_least(D), _pow2_at_least(DV)
