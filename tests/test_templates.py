@@ -64,8 +64,9 @@ def run_case(tmp_path, variant, *, B=1, Hq=2, Hkv=1, Sq=17, Sk=33, D=16, Dv=None
 CFG_A = {"BLOCK_M": 16, "BLOCK_N": 16}
 CFG_B = {"BLOCK_M": 32, "BLOCK_N": 16, "split_loop": False, "exp2": False, "fold_scale": True}
 CFG_C = {"BLOCK_M": 16, "BLOCK_N": 32, "reverse_m": False}
+CFG_D = {"BLOCK_M": 32, "BLOCK_N": 16, "branch_mask": True}
 CONFIGS = [pytest.param(CFG_A, id="m16n16"), pytest.param(CFG_B, id="m32n16-onemask-exp-fold"),
-           pytest.param(CFG_C, id="m16n32")]
+           pytest.param(CFG_C, id="m16n32"), pytest.param(CFG_D, id="m32n16-branch")]
 
 _doc = torch.tensor([0] * 7 + [1] * 13 + [2] * 9 + [3] * 11)  # 40 positions, block-crossing docs
 _g = torch.Generator().manual_seed(1)
@@ -131,6 +132,53 @@ def test_awkward_shapes(tmp_path, variant, Sq, Sk, D, Dv, Hq, Hkv, dtype):
     if variant == "causal+document":  # ids sized for this call
         var = V.causal() + V.document(torch.arange(max(Sq, Sk)) // 5)
     run_case(tmp_path, var, B=2, Hq=Hq, Hkv=Hkv, Sq=Sq, Sk=Sk, D=D, Dv=Dv, dtype=dtype, config=CFG_A)
+
+
+@pytest.mark.parametrize("config", [CFG_A, CFG_D, {**CFG_B, "exp2": True}], ids=["split", "branch", "fold"])
+@pytest.mark.parametrize("Sq,Sk,align", [(40, 40, "top_left"), (23, 40, "bottom_right"), (40, 23, "top_left")])
+def test_relative_bias_full_table_takes_the_unclamped_path(tmp_path, config, Sq, Sk, align):
+    # a 2*S-1 table covers every distance: the launcher picks the clamp-free gather (NOCLAMP);
+    # rows past Sq and keys past Sk of the last tiles must still read inside the table
+    S = max(Sq, Sk)
+    tab = torch.randn(2, 2 * S - 1, generator=torch.Generator().manual_seed(5))
+    var = V.relative_bias(tab) + V.causal(align)
+    src = generate_source(make_problem(var, 1, 2, 1, Sq, Sk, 16, 16, torch.float16), config)
+    assert "p0_NOCLAMP: tl.constexpr" in src or "p1_NOCLAMP: tl.constexpr" in src
+    run_case(tmp_path, var, Sq=Sq, Sk=Sk, config=config, name="relfull")
+
+
+@pytest.mark.parametrize("variant", [V.sliding_window(5) + V.alibi(2), V.prefix_lm(7) + V.softcap(3.0),
+                                     V.alibi(2) + V.causal() + V.relative_bias(_rel_h)])
+def test_branch_mask_and_split_loops_agree(tmp_path, variant):
+    outs = [run_case(tmp_path, variant, Sq=37, Sk=45, config={**CFG_A, "branch_mask": b}, name=f"br{b}")
+            for b in (False, True)]
+    torch.testing.assert_close(outs[0], outs[1], atol=2e-3, rtol=0)
+
+
+def _square_mod(score, b, h, q_idx, kv_idx):
+    return score * score * 0.1
+
+
+def test_alibi_before_a_nonlinear_part_keeps_its_row_term(tmp_path):
+    # the row term only cancels when nothing non-linear follows; here a square follows
+    var = V.alibi(2) + V.causal() + V.score_mod(_square_mod)
+    src = generate_source(make_problem(var, 1, 2, 1, 17, 33, 16, 16, torch.float16), CFG_A)
+    assert "(kv_r - q_pos_c)" in src and "(kv_idx - qmin)" not in src
+    run_case(tmp_path, var, config=CFG_A, name="alibi_sq")
+
+
+def test_interval_masks_are_row_bounds_not_element_math():
+    prob = make_problem(V.sliding_window(9) + V.alibi(2), 1, 2, 1, 64, 64, 16, 16, torch.float16, "cuda")
+    src = generate_source(prob, {})
+    assert "row_lb_c = (q_pos - 8)[:, None]" in src and "row_ub_c = (tl.minimum(q_pos, Sk - 1))[:, None]" in src
+    loops = src.split("for start_n in")[1:]
+    assert len(loops) == 3
+    assert "kv_r >= row_lb_c" in loops[0] and "kv_r <= row_ub_c" in loops[0]
+    assert "allowed" not in loops[1]
+    assert "kv_r >= row_lb_c" not in loops[2] and "kv_r <= row_ub_c" in loops[2]
+    # ALiBi is the last score part: row-free column term, already in base-2 units, no extra multiply
+    assert "(kv_idx - qmin)" in src and "s * 1.44" not in src
+    assert "* 1.4426950408889634" in src.split("p1_slope = ")[1].split("\n")[0]
 
 
 def test_batched_document_ids(tmp_path):
@@ -285,7 +333,7 @@ def test_proposer_rounds(device):
 def test_proposer_avoids_values_that_only_failed():
     prob = make_problem(V.causal(), 4, 32, 32, 4096, 4096, 128, 128, torch.bfloat16, "cuda")
     tp = TemplatesProposer()
-    r1 = tp.propose(prob, [], 12)
+    r1 = tp.propose(prob, [], 16)
     tma = [c for c in r1 if c.config["tma"]]
     assert len(tma) >= 2
     hist = [_fb(c, not c.config["tma"], 1.0 + 0.1 * i) for i, c in enumerate(r1)]

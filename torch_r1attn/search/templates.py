@@ -23,6 +23,9 @@ Knobs (keys of ``config``)::
     exp2             online softmax in base 2 (scale * log2(e) folded into the score multiply)
     fold_scale       multiply q by the score scale once instead of every score tile
     split_loop       separate masked / unmasked kv loops (off: one masked loop)
+    branch_mask      with split_loop: one kv loop whose boundary tiles take the mask under a
+                     per-tile branch (one software pipeline per program instead of three:
+                     fewer pipeline fills/drains where a program has few tiles)
     reverse_m        launch the heaviest query blocks first (causal-like masks)
     fast_tanh        tanh.approx.f32 inline asm (CUDA only; soft-cap and traced tanh)
     tma              Hopper tensor descriptors (``tl.make_tensor_descriptor``) for Q/K/V/O
@@ -60,6 +63,7 @@ KNOB_VALUES: dict[str, tuple] = {
     "exp2": (True, False),
     "fold_scale": (False, True),
     "split_loop": (True, False),
+    "branch_mask": (False, True),
     "reverse_m": (True, False),
     "fast_tanh": (True, False),
     "tma": (False, True),
@@ -98,7 +102,7 @@ def default_config(problem: Problem) -> dict[str, Any]:
     d = max(spec.head_dim, spec.head_dim_v)
     cfg: dict[str, Any] = {
         "path": "decode" if decode else "prefill",
-        "exp2": True, "fold_scale": False, "split_loop": True,
+        "exp2": True, "fold_scale": False, "split_loop": True, "branch_mask": False,
         "reverse_m": _causal_like(problem.variant),
         "fast_tanh": not cpu, "tma": False, "warp_specialize": False, "num_splits": 0,
     }
@@ -121,6 +125,10 @@ def default_config(problem: Problem) -> dict[str, Any]:
     elif d <= 128:
         # Triton tutorial 06 (H100, D=128 fp16): BLOCK_M=128, BLOCK_N=64..128, 8 warps, 3 stages
         cfg.update(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3)
+        if any(isinstance(p, (V.RelativeBias, V.DenseBias)) for p in problem.variant.parts):
+            # H200 round 1, relative bias: 2.362 ms folded vs 2.921 ms (fewer live registers
+            # next to the per-element bias gather)
+            cfg["fold_scale"] = True
     else:
         cfg.update(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2)
     return cfg
@@ -144,6 +152,8 @@ def normalize_config(problem: Problem, config: dict[str, Any] | None) -> dict[st
         cfg["fast_tanh"] = False
     if cfg["path"] == "decode":
         cfg["tma"] = cfg["warp_specialize"] = False  # the decode kernel gathers rows across heads
+    if not cfg["split_loop"]:
+        cfg["branch_mask"] = False  # one masked loop has no boundary to branch on
     if not _uses_tanh(problem.variant):
         cfg["fast_tanh"] = False  # no tanh in the kernel: keep one canonical config
     return cfg
@@ -226,7 +236,11 @@ def _loop(kind: str, start: str, end: str, mode: str, cfg: dict[str, Any], vc: V
     body.append(f"qk = tl.dot(q, tl.trans(k){prec})")
     body.append("s = qk" if cfg["fold_scale"] else "s = qk * qk_mul")
     body += score
-    if masked:
+    if mode == "branch":
+        # f0 / f1 are uniform per program: the branch does not diverge within a warp
+        body += ["if start_n < f0:"] + _indent(_mask_lines(vc, "all") + ['s = tl.where(allowed, s, float("-inf"))'], 4)
+        body += ["elif start_n >= f1:"] + _indent(_mask_lines(vc, "upper") + ['s = tl.where(allowed, s, float("-inf"))'], 4)
+    elif masked:
         body += _mask_lines(vc, mode)
         body.append('s = tl.where(allowed, s, float("-inf"))')
     body += [
@@ -269,7 +283,10 @@ def _loops(kind, cfg, vc, score, even_d, even_dv, prec) -> list[str]:
         "l_i = tl.zeros([BLOCK_M], tl.float32)",
         "acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)",
     ]
-    if cfg["split_loop"]:
+    if cfg["split_loop"] and cfg["branch_mask"]:
+        out += ["# one pipeline; tiles outside the fully-allowed run [f0, f1) take the mask"]
+        out += _loop(kind, "lo", "hi", "branch", cfg, vc, score, even_d, even_dv, prec)
+    elif cfg["split_loop"]:
         out += ["# boundary blocks before the fully-allowed run (every mask)"]
         out += _loop(kind, "lo", "f0", "all", cfg, vc, score, even_d, even_dv, prec)
         out += ["# fully-allowed interior blocks: no per-element mask"]
@@ -700,11 +717,7 @@ def _spread(problem: Problem) -> list[dict[str, Any]]:
                     {"num_warps": 8}, {"fold_scale": True}, {"BLOCK_N": 32, "num_stages": 4},
                     {"warp_specialize": True}, {"BLOCK_M": 256, "num_warps": 8}, {"num_stages": 2}]
         elif d <= 128:
-            over = [{}, {"BLOCK_N": 128, "num_stages": 2}, {"num_warps": 4}, {"tma": True},
-                    {"BLOCK_M": 64, "num_warps": 4, "num_stages": 4}, {"fold_scale": True},
-                    {"tma": True, "warp_specialize": True, "num_warps": 4}, {"num_stages": 4},
-                    {"BLOCK_N": 32, "num_warps": 4, "num_stages": 4}, {"num_stages": 2},
-                    {"tma": True, "BLOCK_N": 128, "num_stages": 2}, {"split_loop": False}]
+            over = _spread_d128(problem.variant)
         else:
             over = [{}, {"BLOCK_M": 128, "num_warps": 8}, {"BLOCK_N": 32}, {"tma": True}, {"num_stages": 3},
                     {"BLOCK_M": 128, "BLOCK_N": 32, "num_warps": 8, "num_stages": 2}, {"fold_scale": True}]
@@ -718,6 +731,33 @@ def _spread(problem: Problem) -> list[dict[str, Any]]:
             seen.add(_config_key(cfg))
             out.append(cfg)
     return out
+
+
+def _spread_d128(variant: V.Variant) -> list[dict[str, Any]]:
+    """Round one at 64 < D <= 128 (fp16/bf16), best guesses first for the variant's kind.
+
+    H200 round 1 (B4 H32 S4096 D128 bf16, benchmarks/NOTES.md): M128 N64 w8 s3 won every
+    prefill variant; s4 was within 1-5%; fold_scale won for ALiBi (-2%) and relative bias
+    (-19%); M128 w4 was 1.8x slower, tma 5-15% slower, tma+warp_specialize+w4 did not compile.
+    M64 w4 s4 (192 KiB smem: one 4-warp CTA per SM) was slow; M64 w4 s2/s3 fit two CTAs per SM
+    and waste less work where the mask is sparse (documents: 1.29x the allowed pairs computed
+    vs 1.45x at M128 N64)."""
+    parts = variant.parts
+    doc = any(isinstance(p, V.Document) for p in parts)
+    relb = any(isinstance(p, (V.RelativeBias, V.DenseBias)) for p in parts)
+    m64 = [{"BLOCK_M": 64, "num_warps": 4, "num_stages": 3},
+           {"BLOCK_M": 64, "num_warps": 4, "num_stages": 3, "branch_mask": True},
+           {"BLOCK_M": 64, "num_warps": 4, "num_stages": 2}]
+    common = [{"branch_mask": True}, {"num_stages": 4}, {"fold_scale": True}]
+    tail = [{"BLOCK_N": 128, "num_stages": 2}, {"warp_specialize": True},
+            {"branch_mask": True, "num_stages": 4}, {"tma": True}, {"BLOCK_N": 32, "num_stages": 4},
+            {"fold_scale": True, "branch_mask": True}, {"tma": True, "BLOCK_N": 128, "num_stages": 2},
+            {"split_loop": False}]
+    if doc:
+        return [{}] + m64 + common + tail
+    if relb:  # the default config already has fold_scale here
+        return [{}, {"fold_scale": False}, {"branch_mask": True}, {"fold_scale": False, "branch_mask": True}] + m64 + tail
+    return [{}] + common + m64 + tail
 
 
 def _neighbours(problem: Problem, cfg: dict[str, Any]) -> list[dict[str, Any]]:

@@ -235,6 +235,12 @@ class _Worker:
         self.proto = proto
         self.cuda = device.startswith("cuda")
         self.ceilings: dict | None = None
+        # problem dir -> (baselines_ms, notes). Baselines are timed once per worker and problem on
+        # the same fixed-seed inputs every candidate is timed on: re-timing them per candidate
+        # cost ~5 s each on the H200 (compiled Flex + 3 SDPA backends) and measured the same
+        # numbers to within 1% (repeat test in tests/test_verify_gpu.py). A fresh worker (the
+        # winner's re-verification) times them again.
+        self.baseline_cache: dict[str, tuple[dict, list]] = {}
 
     def send(self, **msg) -> None:
         self.proto.write(json.dumps(msg) + "\n")
@@ -382,7 +388,10 @@ class _Worker:
                   "reps": res["reps"], "n_sets": len(sets)}
         if job.get("baselines", True):
             flex_here = not variant_has_opaque(tv)
-            base, notes = timing.time_baselines(sets, tv, scale, bk, flex=flex_here)
+            cached = self.baseline_cache.get(str(pdir))
+            if cached is None:
+                cached = self.baseline_cache[str(pdir)] = timing.time_baselines(sets, tv, scale, bk, flex=flex_here)
+            base, notes = cached[0], list(cached[1])
             if not flex_here:
                 notes.append("flex: the variant's callable is not importable in the worker")
                 report["flex_in_parent"] = True
