@@ -35,7 +35,7 @@ import torch.nn.functional as F  # noqa: E402
 import torch_r1attn as r1  # noqa: E402
 from torch_r1attn import config, dispatch, fallback  # noqa: E402
 from torch_r1attn.reference import eager_attention  # noqa: E402
-from torch_r1attn.spec import AttentionSpec  # noqa: E402
+from torch_r1attn.spec import AttentionSpec, length_bucket  # noqa: E402
 
 from benchmarks.common import (  # noqa: E402
     SHAPES, allowed_fraction, bench, effective_tflops, environment, make_inputs, out_dir, suite, write_json,
@@ -102,16 +102,42 @@ CUDNN_VARIANTS = {"full", "causal", "gqa_causal", "decode_gqa_B32_Sk8192"}
 def prewarm(c, budget: float) -> dict:
     from torch_r1attn.search import tuner
 
-    q = torch.empty(c.B, c.Hq, c.Sq, c.D, device="meta")
-    k = torch.empty(c.B, c.Hkv, c.Sk, c.D, device="meta")
-    spec = AttentionSpec.from_call(q, k, k, c.variant.key)
-    spec = AttentionSpec(**{**spec.key_dict(), "dtype": "bf16"}, example=spec.example)
+    spec = _spec_of(c)
     t0 = time.monotonic()
     s = config.settings().replace(budget_s=budget)
     if c.name in CUDNN_VARIANTS:
         s = s.replace(samples=2, rounds=1, max_candidates=2)
     res = tuner.search_now(spec, c.variant, s)
     return {"search_s": round(time.monotonic() - t0, 1), **res.summary()}
+
+
+def _spec_of(c) -> AttentionSpec:
+    return AttentionSpec(dtype="bf16", head_dim=c.D, head_dim_v=c.D, gqa=c.Hq // c.Hkv, variant=c.variant.key,
+                         sq_bucket=length_bucket(c.Sq), sk_bucket=length_bucket(c.Sk),
+                         example=(c.B, c.Hq, c.Hkv, c.Sq, c.Sk))
+
+
+def prewarm_parallel(cases, gpus: list[int], budget: float) -> tuple[dict[str, dict], dict]:
+    """Prewarm every case with the multi-GPU scheduler (one search worker per GPU): the same
+    code path as ``r1attn prewarm --gpus``. Returns per-case search summaries and the wall time."""
+    from torch_r1attn.schedule import PrewarmJob, run_jobs
+
+    base = config.settings().replace(budget_s=budget)
+    groups = [([c for c in cases if c.name in CUDNN_VARIANTS], base.replace(samples=2, rounds=1, max_candidates=2)),
+              ([c for c in cases if c.name not in CUDNN_VARIANTS], base)]
+    out: dict[str, dict] = {}
+    t0 = time.monotonic()
+    for group, s in groups:
+        if not group:
+            continue
+        jobs = [PrewarmJob.from_variant(_spec_of(c), c.variant, c.name) for c in group]
+        for r in run_jobs(jobs, gpus, settings=s, progress=False):
+            out[r.job.label] = {"status": r.status, "speedup": r.speedup, "best_baseline": r.best_baseline,
+                                "search_s": round(r.seconds, 1), "gpu": r.gpu, "winner": r.winner, "error": r.error}
+    wall = time.monotonic() - t0
+    serial = sum(v["search_s"] for v in out.values())
+    return out, {"gpus": gpus, "wall_s": round(wall, 1), "sum_job_s": round(serial, 1),
+                 "parallel_efficiency": round(serial / (wall * max(1, len(gpus))), 3) if wall else None}
 
 
 def dispatch_overhead(c) -> dict | None:
@@ -149,6 +175,8 @@ def main() -> int:
     ap.add_argument("--variant", action="append")
     ap.add_argument("--budget", type=float, default=45.0, help="search seconds per signature")
     ap.add_argument("--no-prewarm", action="store_true")
+    ap.add_argument("--prewarm-gpus", default=None,
+                    help="prewarm all cases first with the multi-GPU scheduler on these GPUs (e.g. 0,1)")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--tag", default="")
     args = ap.parse_args()
@@ -164,11 +192,21 @@ def main() -> int:
     env = environment()
     od = out_dir()
     tag = (env.get("gpu", "gpu") + (("_" + args.tag) if args.tag else "")).replace(" ", "_")
+    sched_info = None
     for shape_name in args.shape or ["B4_H32_S4096_D128"]:
         B, H, S, D = SHAPES[shape_name]
-        for c in suite(B, H, S, D, only=args.variant):
+        cases = suite(B, H, S, D, only=args.variant)
+        pre: dict[str, dict] = {}
+        if args.prewarm_gpus and not args.no_prewarm:
+            from torch_r1attn.schedule import parse_gpus
+
+            pre, sched_info = prewarm_parallel(cases, parse_gpus(args.prewarm_gpus), args.budget)
+            log.info("%s: parallel prewarm %s", shape_name, sched_info)
+        for c in cases:
             row = {"shape": shape_name, "variant": c.name, "key": c.variant.key}
-            if not args.no_prewarm:
+            if c.name in pre:
+                row["search"] = pre[c.name]
+            elif not args.no_prewarm:
                 try:
                     row["search"] = prewarm(c, args.budget)
                 except Exception as e:  # noqa: BLE001 - a benchmark row records the failure and goes on
@@ -221,8 +259,10 @@ def main() -> int:
             del sets
             torch.cuda.empty_cache()
             # written after every row: a run cut short by a time limit keeps what it measured
-            write_json(od / f"variants_{tag}.json", {"env": env, "rows": rows, "dispatch_overhead": overhead})
-    write_json(od / f"variants_{tag}.json", {"env": env, "rows": rows, "dispatch_overhead": overhead})
+            write_json(od / f"variants_{tag}.json", {"env": env, "rows": rows, "dispatch_overhead": overhead,
+                                                     "prewarm_scheduler": sched_info})
+    write_json(od / f"variants_{tag}.json", {"env": env, "rows": rows, "dispatch_overhead": overhead,
+                                                     "prewarm_scheduler": sched_info})
     md = render(rows, overhead, env)
     (od / f"variants_{tag}.md").write_text(md)
     plot(rows, od / f"variants_{tag}.png")
