@@ -2,7 +2,8 @@
 
 * ``cache ls|show|verify|clear|export|import`` — :mod:`torch_r1attn.cli_cache`
 * ``prewarm``, ``demo``, ``doctor``           — :mod:`torch_r1attn.cli_tools`
-* ``bench``                                   — runs ``benchmarks/bench_variants.py`` if present
+
+Benchmarks are scripts, not commands: ``benchmarks/bench_variants.py`` (see the README).
 """
 
 from __future__ import annotations

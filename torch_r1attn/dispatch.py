@@ -51,6 +51,7 @@ class Resolved:
     pending: Any = None  # a background job handle while a search runs
     next_check: float = 0.0
     unsupported: Any = None  # _UNCHECKED until the kernel's SUPPORTS was checked for this entry
+    source: str = "miss"  # how it was decided: cache-kernel | cache-negative | no-kernels | miss
 
 
 _table: dict[tuple, Resolved] = {}
@@ -126,6 +127,7 @@ def _resolve(spec: AttentionSpec, variant: Variant, device: torch.device, policy
     path, reason = fallback.choose(variant, device, settings().fallback)
     r = Resolved(spec=spec, path=path, reason=reason)
     if not kernels_usable(device):
+        r.source = "no-kernels"
         log_once(logging.INFO, ("dev", spec.uri), "r1attn %s: no kernels on %s; fallback %s (%s)",
                  spec.uri, device.type, path, reason)
         return r
@@ -163,6 +165,7 @@ def _try_cache(r: Resolved) -> bool:
     if entry is None:
         return False
     if entry.negative:
+        r.source = "cache-negative"
         log_once(logging.INFO, ("neg", r.spec.uri), "r1attn %s: cached verdict: no kernel beat %s; using it",
                  r.spec.uri, r.path)
         return True
@@ -174,6 +177,7 @@ def _try_cache(r: Resolved) -> bool:
         return True
     r.kernel_info = dict(entry.meta.get("measurements", {}))
     r.unsupported = _UNCHECKED
+    r.source = "cache-kernel"
     r.pending = None
     log_once(logging.INFO, ("hit", r.spec.uri), "r1attn %s: using cached kernel %s", r.spec.uri, entry.path)
     return True
@@ -193,6 +197,6 @@ def status() -> list[dict[str, Any]]:
     """What each resolved signature runs (for ``r1attn doctor`` and tests)."""
     return [
         {"uri": r.spec.uri, "kernel": r.kernel is not None, "fallback": r.path, "reason": r.reason,
-         "pending": r.pending is not None}
+         "pending": r.pending is not None, "source": r.source}
         for r in list(_table.values())
     ]
