@@ -118,19 +118,30 @@ def default_config(problem: Problem) -> dict[str, Any]:
         cfg.update(BLOCK_M=min(128, _pow2_at_least(spec.gqa * spec.sq_bucket)),
                    BLOCK_N=64 if d > 128 else 128, num_warps=4, num_stages=3)
         return cfg
+    kind = _kind_d128(problem.variant)
     if spec.dtype == "fp32":
         cfg.update(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2)
     elif d <= 64:
         cfg.update(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3)
     elif d <= 128:
         # Triton tutorial 06 (H100, D=128 fp16): BLOCK_M=128, BLOCK_N=64..128, 8 warps, 3 stages
+        # (plain full / causal: SDPA's cuDNN kernel wins there anyway)
         cfg.update(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3)
-        if any(isinstance(p, (V.RelativeBias, V.DenseBias)) for p in problem.variant.parts):
-            # H200 round 1, relative bias: 2.362 ms folded vs 2.921 ms (fewer live registers
-            # next to the per-element bias gather)
-            cfg["fold_scale"] = True
+        if kind != "dense":
+            # H200 rounds 2-3 (benchmarks/NOTES.md): M64 w4 beat M128 w8 on every structured
+            # variant (sliding window 0.629 vs 0.702 ms, ALiBi 1.282 vs 1.330, soft-cap 1.370
+            # vs 1.460); two 4-warp CTAs fit an SM at s2/s3
+            cfg.update(BLOCK_M=64, num_warps=4, num_stages=3)
+        if kind == "doc":
+            cfg.update(BLOCK_N=32)  # documents: 0.388 ms at N32 vs 0.458 at N64 (round 3)
+        if kind == "relbias":
+            cfg.update(num_stages=2)  # 2.130 ms at s2 vs 3.220 at s3 (rounds 2-3)
     else:
         cfg.update(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2)
+    if kind == "relbias" and spec.dtype != "fp32":
+        # relative bias: folded 2.130 ms vs 6.905 ms unfolded at M64 w4 s2 (round 3); round 1
+        # (old gather) 2.362 vs 2.921 at M128: fewer live registers next to the bias gather
+        cfg["fold_scale"] = True
     return cfg
 
 
@@ -733,31 +744,43 @@ def _spread(problem: Problem) -> list[dict[str, Any]]:
     return out
 
 
-def _spread_d128(variant: V.Variant) -> list[dict[str, Any]]:
-    """Round one at 64 < D <= 128 (fp16/bf16), best guesses first for the variant's kind.
-
-    H200 round 1 (B4 H32 S4096 D128 bf16, benchmarks/NOTES.md): M128 N64 w8 s3 won every
-    prefill variant; s4 was within 1-5%; fold_scale won for ALiBi (-2%) and relative bias
-    (-19%); M128 w4 was 1.8x slower, tma 5-15% slower, tma+warp_specialize+w4 did not compile.
-    M64 w4 s4 (192 KiB smem: one 4-warp CTA per SM) was slow; M64 w4 s2/s3 fit two CTAs per SM
-    and waste less work where the mask is sparse (documents: 1.29x the allowed pairs computed
-    vs 1.45x at M128 N64)."""
+def _kind_d128(variant: V.Variant) -> str:
+    """Which round-one list fits: "dense" (full / causal only), "doc", "relbias" or "other"."""
     parts = variant.parts
-    doc = any(isinstance(p, V.Document) for p in parts)
-    relb = any(isinstance(p, (V.RelativeBias, V.DenseBias)) for p in parts)
-    m64 = [{"BLOCK_M": 64, "num_warps": 4, "num_stages": 3},
-           {"BLOCK_M": 64, "num_warps": 4, "num_stages": 3, "branch_mask": True},
-           {"BLOCK_M": 64, "num_warps": 4, "num_stages": 2}]
-    common = [{"branch_mask": True}, {"num_stages": 4}, {"fold_scale": True}]
-    tail = [{"BLOCK_N": 128, "num_stages": 2}, {"warp_specialize": True},
-            {"branch_mask": True, "num_stages": 4}, {"tma": True}, {"BLOCK_N": 32, "num_stages": 4},
-            {"fold_scale": True, "branch_mask": True}, {"tma": True, "BLOCK_N": 128, "num_stages": 2},
-            {"split_loop": False}]
-    if doc:
-        return [{}] + m64 + common + tail
-    if relb:  # the default config already has fold_scale here
-        return [{}, {"fold_scale": False}, {"branch_mask": True}, {"fold_scale": False, "branch_mask": True}] + m64 + tail
-    return [{}] + common + m64 + tail
+    if any(isinstance(p, V.Document) for p in parts):
+        return "doc"
+    if any(isinstance(p, (V.RelativeBias, V.DenseBias)) for p in parts):
+        return "relbias"
+    if all(isinstance(p, V.Causal) for p in parts):
+        return "dense"
+    return "other"
+
+
+def _spread_d128(variant: V.Variant) -> list[dict[str, Any]]:
+    """Round one at 64 < D <= 128 (fp16/bf16), as overrides of :func:`default_config`, best
+    guesses first for the variant's kind (measurements: benchmarks/NOTES.md, rounds 1-2).
+
+    Round 1: M128 N64 w8 s3 beat the other M128 configs; tma 5-15% slower; tma+warp_specialize
+    at w4 did not compile; M64 w4 s4 (192 KiB smem, one 4-warp CTA per SM) was slow. Round 2:
+    M64 w4 s2/s3 won every structured variant; ``branch_mask`` lost 20-35% everywhere (so it is
+    left to later rounds); warp_specialize compiled and tied at w8, failed to compile at w4.
+    Round 3 (this list's first version): tma at M64 won soft-cap / prefix-LM / relative bias by
+    0-3% (within run-to-run noise, which reached 8% between machines), N32 won documents."""
+    kind = _kind_d128(variant)
+    m128 = {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 3}
+    late = [{"BLOCK_N": 128, "num_stages": 2}, {"num_stages": 4}, {"split_loop": False}]
+    if kind == "dense":
+        return [{}, {"num_stages": 4}, {"BLOCK_M": 64, "num_warps": 4}, {"warp_specialize": True},
+                {"BLOCK_N": 128, "num_stages": 2}, {"fold_scale": True}, {"tma": True},
+                {"tma": True, "BLOCK_N": 128, "num_stages": 2}, {"split_loop": False}]
+    if kind == "doc":  # default M64 N32 w4 s3
+        return [{}, {"num_stages": 2}, {"BLOCK_N": 64, "num_stages": 2}, {"BLOCK_N": 64},
+                {"BLOCK_N": 64, "branch_mask": True}, {"tma": True}, m128, {"fold_scale": True}] + late
+    if kind == "relbias":  # default M64 N64 w4 s2 fold (unfolded: 3x slower, left to later rounds)
+        return [{}, {"tma": True}, {"BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 8},
+                {**m128, "tma": True}, {"num_stages": 1}, m128, {"BLOCK_N": 32}, {"BLOCK_N": 128}] + late
+    return [{}, {"tma": True}, {"BLOCK_N": 32}, {"fold_scale": True}, {"num_stages": 2}, m128,
+            {"BLOCK_N": 32, "num_stages": 4}, {"tma": True, "BLOCK_N": 32}] + late
 
 
 def _neighbours(problem: Problem, cfg: dict[str, Any]) -> list[dict[str, Any]]:
