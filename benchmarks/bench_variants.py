@@ -202,6 +202,8 @@ def main() -> int:
 
             pre, sched_info = prewarm_parallel(cases, parse_gpus(args.prewarm_gpus), args.budget)
             log.info("%s: parallel prewarm %s", shape_name, sched_info)
+            # a marker for scripts that share the machine: the searches (which time kernels) are done
+            (od / "prewarm_done").write_text(str(sched_info))
         for c in cases:
             row = {"shape": shape_name, "variant": c.name, "key": c.variant.key}
             if c.name in pre:
