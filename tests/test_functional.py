@@ -269,7 +269,8 @@ def test_fallback_choice_cpu_and_cuda():
     assert fallback.choose(V.softcap(3.0), cpu)[0] == "eager"
     assert fallback.choose(V.causal(), cuda)[0] == "sdpa"
     assert fallback.choose(V.sliding_window(8), cuda)[0] == "flex"
-    assert fallback.choose(V.causal() + V.relative_bias(torch.zeros(1, 3)), cuda)[0] == "sdpa"
+    assert fallback.choose(V.causal() + V.relative_bias(torch.zeros(1, 3)), cuda)[0] == "flex"
+    assert fallback.choose(V.relative_bias(torch.zeros(1, 3)), cuda)[0] == "sdpa"  # no causal skipping to gain
     assert fallback.choose(V.causal() + V.alibi(2), cuda)[0] == "flex"
     assert fallback.choose(V.softcap(3.0), cuda)[0] == "flex"
 

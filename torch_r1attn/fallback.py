@@ -11,10 +11,13 @@ Three paths, all differentiable:
 * ``eager`` — :func:`torch_r1attn.reference.eager_attention` in float32. Expresses everything.
 
 Choice (``R1ATTN_FALLBACK=auto``), from the H200 peer table (anchors/h200-peers.md, bf16,
-B=4 H=32 S=4096 D=128): cuDNN SDPA wins full (1.86 ms vs Flex 2.39), causal, GQA, decode and
-relative bias (3.67 vs Flex 7.23); FlexAttention wins whenever block sparsity or a score function
-matters: sliding window (0.77 vs 3.36), document (0.59 vs 3.39), prefix-LM (1.53 vs 3.36), ALiBi
-(1.55 vs 3.66), and soft-cap, which SDPA cannot express at all. On the CPU, SDPA when it can
+B=4 H=32 S=4096 D=128): cuDNN SDPA wins full (1.86 ms vs Flex 2.39), causal, GQA and decode;
+FlexAttention wins whenever block sparsity or a score function matters: sliding window (0.77 vs
+3.36), document (0.59 vs 3.39), prefix-LM (1.53 vs 3.36), ALiBi (1.55 vs 3.66), and soft-cap,
+which SDPA cannot express at all. Causal relative bias: the anchor table has cuDNN ahead (3.67
+vs Flex 7.23), but with *our* Flex form of the bias (a clamped table gather, variants.py) Flex
+measured 3.14 ms vs SDPA+dense bias 3.54 / 3.64 ms in two runs on the H200
+(benchmarks/results/tune_templates_H200_round1.json, variants_H200_S4096.json), so Flex. On the CPU, SDPA when it can
 express the variant, else eager (compiling Flex on the CPU costs more than it saves at the
 sizes run there).
 """
@@ -66,7 +69,9 @@ def choose(variant: Variant, device: torch.device, preference: str = "auto") -> 
         return "flex", "block-sparse mask: FlexAttention skips masked blocks (SDPA computes all)"
     if Alibi in kinds:
         return "flex", "ALiBi: FlexAttention's fused bias and causal block skipping beat SDPA+dense bias"
-    return "sdpa", "SDPA (cuDNN/flash) covers full, causal and additive-bias variants fastest"
+    if RelativeBias in kinds and Causal in kinds:
+        return "flex", "causal relative bias: FlexAttention's fused table gather + causal skipping beat SDPA+dense bias"
+    return "sdpa", "SDPA (cuDNN/flash) covers full, causal and dense mask/bias variants fastest"
 
 
 class _LRU(OrderedDict):
