@@ -80,7 +80,18 @@ def reset() -> None:
         _logged.clear()
 
 
-def forward(q, k, v, variant: Variant, scale: float, enable_gqa: bool, dropout_p: float, on_miss: str | None):
+def table_key(q, k, v, variant: Variant) -> tuple:
+    """The dispatch-table key of a call. Keyed like the spec (length *buckets*), so a decode loop
+    whose Sk grows by one per step stays on one entry instead of resolving (a disk lookup) every
+    step."""
+    return (variant.key, q.dtype, q.shape[-1], v.shape[-1], q.shape[1] // k.shape[1],
+            length_bucket(q.shape[2]), length_bucket(k.shape[2]), q.device)
+
+
+def forward(q, k, v, variant: Variant, scale: float, enable_gqa: bool, dropout_p: float, on_miss: str | None,
+            key: tuple | None = None):
+    """Run one validated call (functional.attention validates). ``key``: its :func:`table_key`
+    when the caller has it memoised."""
     needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
     if dropout_p > 0.0 or needs_grad or q.dtype not in _KERNEL_DTYPES:
         path, reason = fallback.choose(variant, q.device, settings().fallback)
@@ -93,10 +104,8 @@ def forward(q, k, v, variant: Variant, scale: float, enable_gqa: bool, dropout_p
         log_once(logging.INFO, ("nokernel", variant.key, path, reason), "r1attn %s: %s -> %s", variant.key, reason, path)
         return fallback.run(path, q, k, v, variant, scale, enable_gqa, dropout_p)
 
-    # The table is keyed like the spec (length *buckets*), so a decode loop whose Sk grows by one
-    # per step stays on one entry instead of resolving (a disk lookup) every step.
-    key = (variant.key, q.dtype, q.shape[-1], v.shape[-1], q.shape[1] // k.shape[1],
-           length_bucket(q.shape[2]), length_bucket(k.shape[2]), q.device)
+    if key is None:
+        key = table_key(q, k, v, variant)
     r = _table.get(key)
     if r is None:
         with _lock:
@@ -116,7 +125,7 @@ def forward(q, k, v, variant: Variant, scale: float, enable_gqa: bool, dropout_p
             why = r.unsupported = r.kernel.unsupported(q, k, v)
         if why is None:
             out = torch.empty(q.shape[:-1] + (v.shape[-1],), dtype=q.dtype, device=q.device)
-            r.kernel(q, k, v, out, scale, **variant.tensors())
+            r.kernel.fn(q, k, v, out, scale, **variant.tensors())
             return out
         log_once(logging.INFO, ("unsup", r.spec.uri, why), "r1attn %s: kernel does not support this call (%s); "
                  "fallback %s", r.spec.uri, why, r.path)
