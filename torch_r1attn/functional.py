@@ -74,7 +74,8 @@ def attention(
         hit = _validated.get(fk)
     if hit is None:
         v = _validate(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, variant)
-        hit = (v, 1.0 / math.sqrt(query.shape[-1]), dispatch.table_key(query, key, value, v))
+        # no table key while tracing: bucketing a symbolic length would guard on it (recompiles)
+        hit = (v, 1.0 / math.sqrt(query.shape[-1]), None if compiling else dispatch.table_key(query, key, value, v))
         if fk is not None:
             if len(_validated) >= 512:
                 _validated.clear()
