@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# Everything the GPU acceptance of the open issues needs, in the order to run it on the H200
+# (device tool: carry .whl; see README "Set up, run, test" for the wheel list). Each step fits in
+# one 10-minute device command; results land in $OUT (copy them into benchmarks/results/).
+#   step=tests   pytest -m gpu, every file                                  (~6-8 min)
+#   step=bench   prewarm + the variant suite vs peers at one anchor shape    (~6-8 min per shape)
+#   step=e2e     prewarm a Llama- and a Gemma-2-shaped model, then a fresh
+#                process with zero misses and its forward time vs sdpa       (~5 min)
+#   step=multi   single-GPU vs all-GPU prewarm of the same 12 signatures     (nvidia-h200-x2, ~8 min)
+set -euo pipefail
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 OUT=${OUT:-$PWD/bench_out}
+mkdir -p "$OUT"
+fresh_cache() { export R1ATTN_CACHE_DIR=$(mktemp -d); chmod 700 "$R1ATTN_CACHE_DIR"; }
+case "${step:-tests}" in
+  tests)
+    fresh_cache
+    python3 -m pytest -q -m gpu 2>&1 | tee "$OUT/gpu_tests.log" | tail -30 ;;
+  bench)
+    fresh_cache
+    R1ATTN_WORKERS=3 R1ATTN_SAMPLES=6 R1ATTN_ROUNDS=1 \
+      python3 benchmarks/bench_variants.py --shape "${shape:-B4_H32_S4096_D128}" --prewarm-gpus "${gpus:-all}" \
+      --budget 60 2>&1 | tee "$OUT/bench.log" | grep -E "^B|geometric|\|" ;;
+  e2e)
+    fresh_cache
+    for m in llama gemma2; do
+      python3 benchmarks/e2e_hf.py write-config --model-type $m --out /tmp/cfg_$m
+      python3 -m torch_r1attn.cli prewarm --config /tmp/cfg_$m/config.json --seq-lens 240,2048 --batch-sizes 2 \
+        --budget 40 --gpus all
+      python3 benchmarks/e2e_hf.py run --config /tmp/cfg_$m/config.json --seq-len 2048 --batch 2
+    done 2>&1 | tee "$OUT/e2e.log" | tail -40 ;;
+  multi)
+    for g in 0 all; do
+      fresh_cache
+      start=$(date +%s)
+      for m in llama gemma2; do
+        python3 benchmarks/e2e_hf.py write-config --model-type $m --out /tmp/cfg_$m >/dev/null
+        python3 -m torch_r1attn.cli prewarm --config /tmp/cfg_$m/config.json --seq-lens 240,2048 --batch-sizes 2 \
+          --budget 40 --gpus $g
+      done 2>&1 | tee "$OUT/multi_gpus_$g.log" | tail -20
+      echo "gpus=$g wall_s=$(( $(date +%s) - start ))" | tee -a "$OUT/multi.txt"
+      python3 -m torch_r1attn.cli cache ls | tee "$OUT/verdicts_gpus_$g.txt"
+    done ;;
+esac
