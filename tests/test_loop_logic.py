@@ -1,0 +1,150 @@
+"""The search loop's own decisions, with a scripted verifier pool (no kernels run here):
+budget waves, the win margin, re-verification in a fresh worker, negative verdicts, and the
+dispatch table staying on one entry per length bucket."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+
+import torch_r1attn as r1
+from torch_r1attn import config, dispatch, variants as V
+from torch_r1attn.problem import Problem
+from torch_r1attn.search.base import Candidate
+from torch_r1attn.search.loop import run_search
+from torch_r1attn.spec import AttentionSpec
+from torch_r1attn.verify.result import VerifyResult
+
+
+class FakePool:
+    """Plays the verifier: each candidate's config carries the speed-up it 'measures'."""
+
+    def __init__(self, workers=2, delay=0.0, fresh_ok=True, meaningful=True):
+        self.workers, self.delay, self.fresh_ok, self.meaningful = workers, delay, fresh_ok, meaningful
+        self.verified: list[str] = []
+        self.fresh: list[str] = []
+
+    def _result(self, c: Candidate, ok: bool = True) -> VerifyResult:
+        sp = c.config["speedup"]
+        return VerifyResult(ok=ok, compiled=True, verdict="pass" if ok else "fail", reason="scripted",
+                            time_ms=1.0 / sp if self.meaningful else None, best_baseline="flex",
+                            best_baseline_ms=1.0 if self.meaningful else None,
+                            speedup=sp if self.meaningful else None, timing_meaningful=self.meaningful)
+
+    def verify_many(self, cands, problem):
+        time.sleep(self.delay)
+        self.verified += [c.config["name"] for c in cands]
+        return [self._result(c, ok=c.config.get("ok", True)) for c in cands]
+
+    def reverify_fresh(self, c, problem):
+        self.fresh.append(c.config["name"])
+        return self._result(c, ok=self.fresh_ok)
+
+    def close(self):
+        pass
+
+
+class Scripted:
+    name = "templates"
+
+    def __init__(self, rounds):
+        self.rounds = list(rounds)
+
+    def propose(self, problem, history, n):
+        batch = self.rounds.pop(0) if self.rounds else []
+        return [Candidate(source=f"# {cfg['name']}\n", config=cfg) for cfg in batch[:n]]
+
+    def close(self):
+        pass
+
+
+@pytest.fixture
+def problem():
+    spec = AttentionSpec(dtype="fp32", head_dim=16, head_dim_v=16, gqa=1, variant="causal", sq_bucket=32,
+                         sk_bucket=32, example=(1, 2, 2, 32, 32))
+    return Problem.from_spec(spec, V.causal(), device="cpu", small=True)
+
+
+def _s(**kw):
+    base = dict(rounds=3, samples=6, max_candidates=24, budget_s=60.0, win_margin=0.03)
+    base.update(kw)
+    return config.Settings.from_env(environ={}, **base)
+
+
+def _cands(*speedups, prefix="c"):
+    return [{"name": f"{prefix}{i}", "speedup": s} for i, s in enumerate(speedups)]
+
+
+def test_winner_is_fastest_and_reverified_fresh(problem, cache_dir):
+    pool = FakePool()
+    res = run_search(problem, [Scripted([_cands(1.1, 1.4, 1.2)])], settings=_s(rounds=1), pool=pool)
+    assert res.winner is not None and res.winner.config["name"] == "c1"
+    assert pool.fresh == ["c1"] and res.speedup == pytest.approx(1.4)
+    assert res.entry is not None and not res.negative
+
+
+def test_below_the_margin_is_a_negative_verdict(problem, cache_dir):
+    pool = FakePool()
+    res = run_search(problem, [Scripted([_cands(0.8, 1.02)])], settings=_s(rounds=1), pool=pool)
+    assert res.winner is None and res.negative and "bar" in res.reason
+    assert pool.fresh == []  # nothing below the bar is worth a fresh re-verification
+    from torch_r1attn import cache
+
+    assert cache.default_cache().lookup(problem.spec).negative
+
+
+def test_winner_failing_fresh_reverification_is_not_stored(problem, cache_dir):
+    pool = FakePool(fresh_ok=False)
+    res = run_search(problem, [Scripted([_cands(1.5, 1.3)])], settings=_s(rounds=1), pool=pool)
+    assert res.winner is None and res.negative
+    assert pool.fresh == ["c0", "c1"]  # the next best got its chance too
+
+
+def test_budget_is_checked_between_waves(problem, cache_dir):
+    pool = FakePool(workers=2, delay=0.4)
+    res = run_search(problem, [Scripted([_cands(*[1.1] * 8)])], settings=_s(rounds=1, samples=8, budget_s=0.5),
+                     pool=pool)
+    # wave 1 (2 candidates, 0.4 s) fits, wave 2 starts before 0.5 s, wave 3 would start after
+    assert pool.verified == ["c0", "c1", "c2", "c3"], pool.verified
+    assert res.candidates_tried == 4
+
+
+def test_rounds_see_history_and_duplicates_are_skipped(problem, cache_dir):
+    seen_history = []
+
+    class Recorder(Scripted):
+        def propose(self, problem, history, n):
+            seen_history.append(len(history))
+            return super().propose(problem, history, n)
+
+    pool = FakePool()
+    # round 2 repeats round 1's c0 (same source, same hash) next to a new candidate
+    rounds = [_cands(1.1, 1.2), [{"name": "c0", "speedup": 1.1}, {"name": "d1", "speedup": 1.3}]]
+    res = run_search(problem, [Recorder(rounds)], settings=_s(rounds=3), pool=pool)
+    assert seen_history == [0, 2, 3]  # each round saw every verdict so far; round 3 got nothing new
+    assert pool.verified == ["c0", "c1", "d1"]
+    assert res.candidates_tried == 3 and res.winner.config["name"] == "d1"
+
+
+def test_interpreter_results_keep_the_first_correct_candidate(problem, cache_dir):
+    pool = FakePool(meaningful=False)
+    res = run_search(problem, [Scripted([[{"name": "a", "speedup": 1.0, "ok": False},
+                                          {"name": "b", "speedup": 1.0}, {"name": "c", "speedup": 1.0}]])],
+                     settings=_s(rounds=1), pool=pool)
+    assert res.winner.config["name"] == "b"  # proposal order = best guess first
+
+
+def test_dispatch_table_stays_on_one_entry_per_bucket(monkeypatch, cache_dir):
+    monkeypatch.setenv("R1ATTN_ON_MISS", "off")
+    config.set_settings(None)
+    dispatch.reset()
+    q = torch.randn(1, 2, 1, 16)
+    for sk in range(17, 33):  # a decode loop: Sk grows one key per step, all in bucket 32
+        kv = torch.randn(1, 2, sk, 16)
+        r1.attention(q, kv, kv, variant=V.causal("bottom_right"))
+    assert len(dispatch.status()) == 1
+    kv = torch.randn(1, 2, 33, 16)
+    r1.attention(q, kv, kv, variant=V.causal("bottom_right"))
+    assert len(dispatch.status()) == 2  # the next bucket is a new signature
