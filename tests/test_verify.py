@@ -9,7 +9,6 @@ what the search uses.
 import json
 import os
 import time
-from pathlib import Path
 
 import pytest
 import torch
@@ -17,18 +16,18 @@ import torch
 from torch_r1attn import variants as V
 from torch_r1attn.config import Settings
 from torch_r1attn.problem import Problem
+from tests.kernels import kernel_source
 from torch_r1attn.search.base import Candidate, Feedback
 from torch_r1attn.spec import AttentionSpec, length_bucket
 from torch_r1attn.verify import Protocol, VerifierPool, VerifyResult, verify
 from torch_r1attn.verify import check as C
 from torch_r1attn.verify.result import make_feedback
 
-KERNELS = Path(__file__).parent / "kernels"
 BLOCK = 16  # the fixture kernels' CPU block size
 
 
 def src(name: str, causal: bool = False, bottom_right: bool = False) -> str:
-    s = (KERNELS / name).read_text()
+    s = kernel_source(name)
     if causal:
         s = s.replace("CAUSAL = False", "CAUSAL = True", 1)
     if bottom_right:

@@ -4,6 +4,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.kernels import kernel_source
 from torch_r1attn.verify.static import check_source
 
 KERNELS = Path(__file__).parent / "kernels"
@@ -103,12 +104,12 @@ def test_repository_kernels():
     for name, needle in [("bad_sdpa_cheat.py", "scaled_dot_product_attention"), ("bad_try_except.py", "try/except"),
                          ("bad_segfault.py", "ctypes"), ("bad_os_exit.py", "os"), ("bad_side_stream.py", "Stream"),
                          ("bad_nondeterministic.py", "_STATE"), ("bad_drifts.py", "_STATE")]:
-        rs = check_source((KERNELS / name).read_text(), "triton")
+        rs = check_source(kernel_source(name), "triton")
         assert any(needle in r for r in rs), (name, rs)
     # these cheat at run time only; the dynamic checks must catch them (tests/test_verify.py)
     for name in ("bad_wrong_math.py", "bad_partial_write.py", "bad_mutates_input.py", "bad_clamps_inputs.py",
                  "bad_block_multiple_only.py", "bad_hangs.py", "bad_illegal_memory.py"):
-        assert check_source((KERNELS / name).read_text(), "triton") == [], name
+        assert check_source(kernel_source(name), "triton") == [], name
 
 
 CUDA_OK = r"""
