@@ -169,3 +169,35 @@ def test_two_processes_one_search(fast_settings, cache_dir, tmp_path):
     searched = [r for r in results if not r["cached"]]
     assert len(searched) == 1, results
     assert searched[0]["winner"]
+
+
+def test_background_search_does_not_outlive_the_caller(tmp_path, cache_dir):
+    """The caller exits while its background search is verifying: the process ends promptly and no
+    verifier worker is left behind (found by a marker in the environment the workers inherit)."""
+    import glob
+    import os
+    import time
+
+    mark = f"r1attn-exit-{os.getpid()}-{time.monotonic_ns()}"
+    code = textwrap.dedent('''
+        import time, torch, torch_r1attn as r1
+        from torch_r1attn import variants as V
+        q = torch.randn(1, 2, 24, 16)
+        r1.attention(q, q, q, variant=V.sliding_window(5), on_miss="background")
+        time.sleep(3.0)  # the tuner is verifying in worker processes now
+    ''')
+    env = {**os.environ, "R1ATTN_TEST_MARK": mark, "R1ATTN_CACHE_DIR": str(cache_dir), "TRITON_INTERPRET": "1"}
+    t0 = time.monotonic()
+    p = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert time.monotonic() - t0 < 60, "exit waited for the search"
+    time.sleep(1.0)
+    left = []
+    for e in glob.glob("/proc/[0-9]*/environ"):
+        try:
+            with open(e, "rb") as f:
+                if mark.encode() in f.read():
+                    left.append(e.split("/")[2])
+        except OSError:
+            pass
+    assert not left, f"processes left behind: {left}"
