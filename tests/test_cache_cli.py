@@ -93,7 +93,8 @@ def test_verify_passes_good_and_fails_bad_entries(kc, capsys):
     bad, _, _, c2 = make_problem(torch.float32, Sq=40, Sk=40)
     store_kernel(kc, good, c1)
     # a plausible-looking but wrong kernel: it ignores the scale
-    store_kernel(kc, bad, c2, source=TRITON_KERNEL.replace("* scale", "* 1.0"))
+    assert TRITON_KERNEL.count("* sm_scale\n") == 2
+    store_kernel(kc, bad, c2, source=TRITON_KERNEL.replace("* sm_scale\n", "* 1.0\n"))
     assert cli(kc, "verify", good.hash) == 0
     assert f"PASS  {good.dirname}" in capsys.readouterr().out
     assert cli(kc, "verify") == 1
@@ -143,7 +144,8 @@ def _tamper_source(members, fix_manifest):
     out = []
     for m, data in members:
         if m.name.endswith("kernel.py"):
-            data = data.replace(b"acc = acc / l_i[:, None]", b"acc = acc * 0.0 + 1.0")
+            assert b"o = acc / l_safe[:, None]" in data
+            data = data.replace(b"o = acc / l_safe[:, None]", b"o = acc * 0.0 + 1.0")
             m.size = len(data)
         out.append((m, data))
     if fix_manifest:  # a careful attacker re-hashes the manifest too; the metadata hash still differs

@@ -25,10 +25,11 @@ from torch_r1attn.search.llm import LLMProposer, make_llm_proposer, reference_so
 from torch_r1attn.spec import AttentionSpec
 
 from tests.fake_openai_server import FakeOpenAI, Script
+from tests.kernels import kernel_source
 from tests.helpers import assert_close_to_ref
 
-KERNELS = Path(__file__).parent / "kernels"
-GOOD = (KERNELS / "llm_good.py").read_text()
+# the verifier's known-good kernel, made causal: what the scripted LLM "writes"
+GOOD = kernel_source("good_attention.py").replace("CAUSAL = False", "CAUSAL = True", 1)
 
 # A compile error (undefined name inside the jitted kernel), then its fix.
 BROKEN = GOOD.replace("m_i = m_new\n", "m_i = m_neww\n")

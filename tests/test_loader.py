@@ -17,6 +17,7 @@ import torch
 
 from tests.helpers import assert_close_to_ref
 from torch_r1attn import cache as cache_mod
+from tests.kernels import kernel_source
 from torch_r1attn import loader
 from torch_r1attn.cache import KernelCache, make_check_case
 from torch_r1attn.loader import KernelIntegrityError, KernelLoadError
@@ -25,55 +26,8 @@ from torch_r1attn.variants import Variant
 
 REPO = Path(__file__).resolve().parent.parent
 
-TRITON_KERNEL = r"""import torch
-import triton
-import triton.language as tl
-
-SUPPORTS = {"dtypes": ["fp16", "bf16", "fp32"], "head_dims": [16, 32, 64], "gqa": "any", "devices": ["cpu", "cuda"]}
-
-
-@triton.jit
-def _attn_fwd(Q, K, V, O, scale, Sq, Sk, HQ, G,
-              sqb, sqh, sqs, skb, skh, sks, svb, svh, svs, sob, soh, sos,
-              D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
-    pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = bh // HQ
-    h = bh % HQ
-    hk = h // G
-    offs_m = pid_m * BM + tl.arange(0, BM)
-    offs_d = tl.arange(0, D)
-    q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqs + offs_d[None, :], mask=offs_m[:, None] < Sq, other=0.0)
-    m_i = tl.full([BM], float("-inf"), tl.float32)
-    l_i = tl.zeros([BM], tl.float32)
-    acc = tl.zeros([BM, D], tl.float32)
-    for start in range(0, Sk, BN):
-        offs_n = start + tl.arange(0, BN)
-        kmask = offs_n[:, None] < Sk
-        k = tl.load(K + b * skb + hk * skh + offs_n[:, None] * sks + offs_d[None, :], mask=kmask, other=0.0)
-        v = tl.load(V + b * svb + hk * svh + offs_n[:, None] * svs + offs_d[None, :], mask=kmask, other=0.0)
-        s = tl.dot(q, tl.trans(k)).to(tl.float32) * scale
-        s = tl.where(offs_n[None, :] < Sk, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        p = tl.exp(s - m_new[:, None])
-        alpha = tl.exp(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v).to(tl.float32)
-        m_i = m_new
-    acc = acc / l_i[:, None]
-    tl.store(O + b * sob + h * soh + offs_m[:, None] * sos + offs_d[None, :], acc.to(O.dtype.element_ty),
-             mask=offs_m[:, None] < Sq)
-
-
-def forward(q, k, v, out, scale, **variant_tensors):
-    B, HQ, Sq, D = q.shape
-    Sk = k.shape[2]
-    grid = (triton.cdiv(Sq, 16), B * HQ)
-    _attn_fwd[grid](q, k, v, out, scale, Sq, Sk, HQ, HQ // k.shape[1],
-                    q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-                    v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
-                    D=D, BM=16, BN=16)
-"""
+# the verifier's known-good kernel (full attention): a real Triton kernel that follows the contract
+TRITON_KERNEL = kernel_source("good_attention.py")
 
 # Imported by a tampered source: if this file appears, tampered code ran.
 TAMPER_BODY = '''
