@@ -2,7 +2,7 @@
 # Everything the GPU acceptance of the open issues needs, in the order to run it on the H200
 # (device tool: carry .whl; see README "Set up, run, test" for the wheel list). Each step fits in
 # one 10-minute device command; results land in $OUT (copy them into benchmarks/results/).
-#   step=tests   pytest -m gpu, every file                                  (~6-8 min)
+#   step=tests   pytest -m gpu, every file (xdist by file, verifier alone)  (~5-7 min)
 #   step=bench   prewarm + the variant suite vs peers at one anchor shape    (~6-8 min per shape)
 #   step=e2e     prewarm a Llama- and a Gemma-2-shaped model, then a fresh
 #                process with zero misses and its forward time vs sdpa       (~5 min)
@@ -15,7 +15,12 @@ fresh_cache() { export R1ATTN_CACHE_DIR=$(mktemp -d); chmod 700 "$R1ATTN_CACHE_D
 case "${step:-tests}" in
   tests)
     fresh_cache
-    python3 -m pytest -q -m gpu 2>&1 | tee "$OUT/gpu_tests.log" | tail -30 ;;
+    # compile-bound files in parallel (xdist is on the device image); the verifier's timing tests
+    # alone afterwards, so nothing else runs on the GPU while they time
+    timeout ${t_par:-330} python3 -m pytest -q -m gpu -n ${nproc_tests:-6} --dist loadfile -p no:cacheprovider \
+      --durations=15 --ignore=tests/test_verify_gpu.py 2>&1 | tee "$OUT/gpu_tests.log" | tail -30 || true
+    timeout ${t_ser:-150} python3 -m pytest -q -m gpu -p no:cacheprovider --durations=5 tests/test_verify_gpu.py 2>&1 \
+      | tee "$OUT/gpu_tests_verify.log" | tail -8 || true ;;
   bench)
     fresh_cache
     R1ATTN_WORKERS=3 R1ATTN_SAMPLES=6 R1ATTN_ROUNDS=1 \
@@ -23,10 +28,10 @@ case "${step:-tests}" in
       --budget 60 2>&1 | tee "$OUT/bench.log" | grep -E "^B|geometric|\|" ;;
   e2e)
     fresh_cache
-    for m in llama gemma2; do
+    for m in ${models:-llama gemma2}; do
       python3 benchmarks/e2e_hf.py write-config --model-type $m --out /tmp/cfg_$m
       python3 -m torch_r1attn.cli prewarm --config /tmp/cfg_$m/config.json --seq-lens 240,2048 --batch-sizes 2 \
-        --budget 40 --gpus all
+        --budget ${budget:-40} --gpus all
       python3 benchmarks/e2e_hf.py run --config /tmp/cfg_$m/config.json --seq-len 2048 --batch 2
     done 2>&1 | tee "$OUT/e2e.log" | tail -40 ;;
   multi)

@@ -468,7 +468,8 @@ def test_prewarm_on_every_gpu(cache_dir):
         spec = AttentionSpec("bf16", 128, 128, Hq // Hkv, var.key, length_bucket(Sq), length_bucket(Sk),
                              example=(B, Hq, Hkv, Sq, Sk))
         jobs.append(PrewarmJob.from_variant(spec, var, label))
-    s = Settings(budget_s=30.0, cache_dir=str(cache_dir))
+    # short searches: this tests the scheduler (placement, results, the cached second run), not speed
+    s = Settings(budget_s=5.0, samples=2, rounds=1, max_candidates=2, cache_dir=str(cache_dir))
     t0 = time.monotonic()
     results = run_jobs(jobs, gpus, settings=s, progress=False)
     print(summary_table(results), f"\n{time.monotonic() - t0:.1f} s on {len(gpus)} GPU(s)")

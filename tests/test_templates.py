@@ -290,6 +290,14 @@ def test_config_validation():
     assert (causal["BLOCK_M"], causal["num_warps"]) == (128, 8)
     dec = default_config(make_problem(V.causal("bottom_right"), 32, 32, 8, 1, 8192, 128, 128, torch.bfloat16, "cuda"))
     assert dec["path"] == "decode"
+    sw = make_problem(V.sliding_window(1024), 4, 32, 32, 4096, 4096, 128, 128, torch.bfloat16, "cuda")
+    with pytest.raises(ValueError, match="warp_specialize=True needs num_warps=8"):
+        normalize_config(sw, {"warp_specialize": True, "num_warps": 4})
+    assert normalize_config(sw, {"warp_specialize": True, "num_warps": 8})["warp_specialize"]
+    # no neighbour of a warp-specialised config steps down to what cannot compile
+    from torch_r1attn.search.templates import _neighbours
+    ns = _neighbours(sw, normalize_config(sw, {"warp_specialize": True, "num_warps": 8}))
+    assert ns and not any(n["warp_specialize"] and n["num_warps"] < 8 for n in ns)
 
 
 def _fb(cand, ok, ms):
@@ -372,8 +380,8 @@ def test_gpu_real_shapes(tmp_path, name, dtype, D):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("cfg", [{}, {"tma": True}, {"tma": True, "warp_specialize": True, "num_warps": 4},
-                                 {"fold_scale": True}])
+@pytest.mark.parametrize("cfg", [{}, {"tma": True}, {"tma": True, "warp_specialize": True, "num_warps": 8},
+                                 {"warp_specialize": True, "BLOCK_M": 128, "num_warps": 8}, {"fold_scale": True}])
 def test_gpu_gqa_and_hopper_knobs(tmp_path, cfg):
     run_case(tmp_path, V.causal(), B=2, Hq=8, Hkv=2, Sq=1000, Sk=1000, D=128, dtype=torch.bfloat16, config=cfg,
              device="cuda", check_dtype=torch.float32)
