@@ -305,3 +305,33 @@ def test_tolerance_and_pair_counting():
     assert C.allowed_pairs(V.full(), 2, 3, 5, 7) == 2 * 3 * 5 * 7
     assert C.allowed_pairs(V.causal(), 1, 1, 4, 4) == 10  # 1 + 2 + 3 + 4
     assert C.allowed_pairs(V.sliding_window(2), 1, 2, 4, 4) == 2 * 7
+
+
+def test_baselines_are_timed_once_per_problem(pool, monkeypatch):
+    """The first timing report's baselines serve every later candidate of the same problem (other
+    workers, the fresh re-verification): their jobs do not ask the worker to time them again."""
+    prob = make_problem(sq=33, sk=33)
+    prep = pool._prepare(prob)
+    first = VerifyResult(ok=True, compiled=True, verdict="pass", reason="")
+    pool._apply_timing(first, prep, {"time_ms": 1.0, "baselines_ms": {"sdpa_cudnn": 2.0, "flex": 3.0}})
+    assert first.speedup == pytest.approx(2.0) and first.best_baseline == "sdpa_cudnn"
+    later = VerifyResult(ok=True, compiled=True, verdict="pass", reason="")
+    pool._apply_timing(later, prep, {"time_ms": 4.0})  # a worker told not to time baselines
+    assert later.baselines_ms == {"sdpa_cudnn": 2.0, "flex": 3.0}
+    assert later.speedup == pytest.approx(0.5) and any("timed earlier" in n for n in later.notes)
+    # and the next job for this problem is written without the baselines request
+    import shutil
+
+    import torch_r1attn.verify as verify_mod
+
+    seen, rmtree = [], shutil.rmtree
+
+    def keep_job(path, *a, **k):
+        if (path / "job.json").exists():
+            seen.append(json.loads((path / "job.json").read_text()))
+        return rmtree(path, *a, **k)
+
+    monkeypatch.setattr(verify_mod.shutil, "rmtree", keep_job)
+    r = pool.verify(Candidate(src("good_attention.py", causal=True)), prob, timing=False)
+    assert r.ok, r.feedback
+    assert [j["baselines"] for j in seen] == [False]
