@@ -28,12 +28,15 @@ case "${step:-tests}" in
       --budget 60 2>&1 | tee "$OUT/bench.log" | grep -E "^B|geometric|\|" ;;
   e2e)
     fresh_cache
-    for m in ${models:-llama gemma2}; do
+    # per model: "name:prefill length timed" (generation always starts from a 240-token prompt)
+    for ms in ${models:-llama:2048 gemma2:2048}; do
+      m=${ms%%:*} L=${ms##*:}
       python3 benchmarks/e2e_hf.py write-config --model-type $m --out /tmp/cfg_$m
-      python3 -m torch_r1attn.cli prewarm --config /tmp/cfg_$m/config.json --seq-lens 240,2048 --batch-sizes 2 \
-        --budget ${budget:-40} --gpus all
-      python3 benchmarks/e2e_hf.py run --config /tmp/cfg_$m/config.json --seq-len 2048 --batch 2
-    done 2>&1 | tee "$OUT/e2e.log" | tail -40 ;;
+      timeout ${t_model:-600} python3 -m torch_r1attn.cli prewarm --config /tmp/cfg_$m/config.json \
+        --seq-lens $(echo 240,$L | tr ',' '\n' | sort -un | paste -sd,) --batch-sizes 2 --budget ${budget:-40} --gpus all || true
+      timeout 120 python3 benchmarks/e2e_hf.py run --config /tmp/cfg_$m/config.json --seq-len $L --batch 2 || true
+    done 2>&1 | tee "$OUT/e2e.log" | tail -40
+    [ -z "${overhead:-}" ] || timeout 60 python3 benchmarks/dispatch_overhead.py $overhead 2>&1 | tail -3 ;;
   multi)
     for g in 0 all; do
       fresh_cache
