@@ -36,7 +36,8 @@ case "${step:-tests}" in
         --seq-lens $(echo 240,$L | tr ',' '\n' | sort -un | paste -sd,) --batch-sizes 2 --budget ${budget:-40} --gpus all || true
       timeout 120 python3 benchmarks/e2e_hf.py run --config /tmp/cfg_$m/config.json --seq-len $L --batch 2 || true
     done 2>&1 | tee "$OUT/e2e.log" | tail -40
-    [ -z "${overhead:-}" ] || timeout 60 python3 benchmarks/dispatch_overhead.py $overhead 2>&1 | tail -3 ;;
+    [ -z "${overhead:-}" ] || timeout 60 python3 benchmarks/dispatch_overhead.py $overhead 2>&1 | tail -3
+    python3 -m torch_r1attn.cli cache ls > "$OUT/cache_ls.txt" 2>&1 || true ;;
   multi)
     for g in 0 all; do
       fresh_cache
