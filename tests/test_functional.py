@@ -307,3 +307,24 @@ def test_gpu_fallback_variants(name, dtype):
     ref = eager_attention(q, k, v, var.to("cuda"), 1 / math.sqrt(D))
     low = eager_attention(q, k, v, var.to("cuda"), 1 / math.sqrt(D), compute_dtype=dtype)
     assert_close_to_ref(out, ref, low)
+
+
+def test_call_memo_hits_for_a_reused_variant_and_never_pins_big_tensors():
+    from torch_r1attn import functional
+
+    functional._validated.clear()
+    q, k, v = torch.randn(1, 2, 33, 16), torch.randn(1, 2, 33, 16), torch.randn(1, 2, 33, 16)
+    var = V.causal() + V.softcap(20.0)
+    a = r1.attention(q, k, v, variant=var)
+    b = r1.attention(q, k, v, variant=var)
+    assert len(functional._validated) == 1
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+    view = torch.ones(1, 2, 33, 33 * 1024, dtype=torch.bool)[..., :33]  # small view of a 2.2 MB buffer
+    r1.attention(q, k, v, variant=V.Variant([V.DenseMask(view)]))
+    assert len(functional._validated) == 1  # a mask holding > 1 MiB is not kept alive by the memo
+    r1.attention(q, k, v, variant=V.Variant([V.DenseMask(torch.ones(1, 1, 33, 33, dtype=torch.bool))]))
+    assert len(functional._validated) == 2  # a small one is
+    with pytest.raises(ValueError, match=r"dense mask of shape \(4, 2, 33, 33\) does not broadcast.*dim B"):
+        r1.attention(q, k, v, variant=V.Variant([V.DenseMask(torch.ones(4, 2, 33, 33, dtype=torch.bool))]))
+    with pytest.raises(ValueError, match="dense bias of shape .* does not broadcast.*dim Sk"):
+        r1.attention(q, k, v, variant=V.Variant([V.DenseBias(torch.zeros(1, 1, 33, 34))]))

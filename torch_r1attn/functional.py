@@ -76,7 +76,7 @@ def attention(
         v = _validate(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, variant)
         # no table key while tracing: bucketing a symbolic length would guard on it (recompiles)
         hit = (v, 1.0 / math.sqrt(query.shape[-1]), None if compiling else dispatch.table_key(query, key, value, v))
-        if fk is not None:
+        if fk is not None and _small(v):
             if len(_validated) >= 512:
                 _validated.clear()
             _validated[fk] = hit
@@ -92,6 +92,13 @@ def attention(
 
 
 _validated: dict[tuple, tuple] = {}
+_MEMO_TENSOR_BYTES = 1 << 20
+
+
+def _small(variant: Variant) -> bool:
+    """Memoise only variants whose tensors are small: the memo keeps its variants alive, and a
+    model that builds a dense mask per forward would otherwise pin up to 512 of them."""
+    return sum(t.untyped_storage().nbytes() for t in variant.tensors().values()) <= _MEMO_TENSOR_BYTES
 _is_compiling = torch.compiler.is_compiling
 
 
@@ -160,15 +167,7 @@ def _dense_part(m, q, B, Hq, Sq, Sk):
         raise TypeError(f"attn_mask must be a tensor or None, got {type(m).__name__}")
     if m.device != q.device:
         raise ValueError(f"attn_mask is on {m.device}, query is on {q.device}")
-    if m.dim() > 4:
-        raise ValueError(f"attn_mask has {m.dim()} dims; it must broadcast to (B, H, Sq, Sk)")
-    target = (B, Hq, Sq, Sk)
-    shape = (1,) * (4 - m.dim()) + tuple(m.shape)
-    for n, s, t in zip(("B", "H", "Sq", "Sk"), shape, target):
-        if s not in (1, t):
-            raise ValueError(
-                f"attn_mask of shape {tuple(m.shape)} does not broadcast to (B, H, Sq, Sk)={target} (dim {n})"
-            )
+    V._check_bcast("attn_mask", m, B, Hq, Sq, Sk)
     if m.dtype == torch.bool:
         return V.DenseMask(m)
     if m.dtype.is_floating_point:

@@ -333,6 +333,9 @@ class DenseMask(Part):
     def tensors(self, prefix):
         return {f"{prefix}attn_mask": self.mask_tensor}
 
+    def validate_call(self, B, Hq, Sq, Sk, offset, device):
+        _check_bcast("dense mask", self.mask_tensor, B, Hq, Sq, Sk)
+
     def mask(self, ix):
         return _rows(_as4d(self.mask_tensor), ix)
 
@@ -517,6 +520,9 @@ class DenseBias(Part):
     def tensors(self, prefix):
         return {f"{prefix}attn_bias": self.bias}
 
+    def validate_call(self, B, Hq, Sq, Sk, offset, device):
+        _check_bcast("dense bias", self.bias, B, Hq, Sq, Sk)
+
     def score(self, s, ix):
         return s + _rows(_as4d(self.bias), ix).to(s.dtype)
 
@@ -542,6 +548,17 @@ def _rows(m: torch.Tensor, ix: IndexGrid) -> torch.Tensor:
 
 def _bi(m: torch.Tensor, dim: int, idx):
     return idx if m.shape[dim] > 1 else 0
+
+
+def _check_bcast(what: str, t: torch.Tensor, B: int, Hq: int, Sq: int, Sk: int) -> None:
+    """Raise ValueError unless ``t`` broadcasts to (B, Hq, Sq, Sk)."""
+    if t.dim() > 4:
+        raise ValueError(f"{what} has {t.dim()} dims; it must broadcast to (B, H, Sq, Sk)")
+    target = (B, Hq, Sq, Sk)
+    shape = (1,) * (4 - t.dim()) + tuple(t.shape)
+    for n, s, want in zip(("B", "H", "Sq", "Sk"), shape, target):
+        if s not in (1, want):
+            raise ValueError(f"{what} of shape {tuple(t.shape)} does not broadcast to (B, H, Sq, Sk)={target} (dim {n})")
 
 
 def _bcast_code(t: torch.Tensor) -> str:

@@ -183,6 +183,11 @@ def r1attn_mask(batch_size: int, q_length: int, kv_length: int, q_offset: int = 
     if desc is None or align is None:
         return _dense(batch_size, q_length, kv_length, q_offset, kv_offset, mask_function, attention_mask, kwargs)
 
+    if desc["docs"] is None and (attention_mask is None or (not _compiling() and _all_true(attention_mask))):
+        # tensor-free: one shared Variant object per pattern, so every layer of every forward
+        # hits functional.attention's per-call-shape memo (a new object there costs a full
+        # validation: ~28 us per layer on the CPU, ~130 us on the H200's host)
+        return StructuredMask(_shared_variant(desc["window"], desc["causal"], align), q_length, kv_length)
     parts: list[V.Part] = []
     if desc["window"] is not None:
         parts.append(V.SlidingWindow(desc["window"]))
@@ -199,6 +204,23 @@ def r1attn_mask(batch_size: int, q_length: int, kv_length: int, q_offset: int = 
         if _compiling() or not bool(pad.all()):
             parts.append(V.DenseMask(pad.to(device=device, dtype=torch.bool).view(batch_size, 1, 1, kv_length)))
     return StructuredMask(Variant(parts, align), q_length, kv_length)
+
+
+_shared: dict[tuple, Variant] = {}
+
+
+def _shared_variant(window: int | None, causal: bool, align: str) -> Variant:
+    k = (window, causal, align)
+    v = _shared.get(k)
+    if v is None:
+        parts = [V.SlidingWindow(window)] if window is not None else ([V.Causal()] if causal else [])
+        v = _shared[k] = Variant(parts, align)
+    return v
+
+
+def _all_true(attention_mask: torch.Tensor) -> bool:
+    return attention_mask.dtype == torch.bool and bool(attention_mask.all()) or \
+        attention_mask.dtype != torch.bool and bool((attention_mask != 0).all())
 
 
 def _dense(batch_size, q_length, kv_length, q_offset, kv_offset, mask_function, attention_mask, kwargs):
@@ -249,9 +271,9 @@ def r1attn_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: 
     elif attention_mask is None:
         if getattr(module, "is_causal", True) and (Sq > 1 or Sk > 1):
             align = "top_left" if Sq == Sk else "bottom_right"
-            variant = V.sliding_window(int(sliding_window), align) if sliding_window else V.causal(align)
+            variant = _shared_variant(int(sliding_window) if sliding_window else None, True, align)
         else:
-            variant = V.full()
+            variant = _shared_variant(None, False, "top_left")
     elif isinstance(attention_mask, torch.Tensor):
         attn_mask = attention_mask[:, :, :, :Sk]
         variant = V.full()
@@ -259,12 +281,29 @@ def r1attn_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: 
         raise TypeError(f"r1attn: unsupported attention_mask type {type(attention_mask).__name__}")
     cap = _softcap_of(module, softcap)
     if cap is not None:
-        variant = variant + V.softcap(cap)
+        variant = _with_softcap(variant, cap)
     if scaling is None:
         scaling = getattr(module, "scaling", None)
     out = attention(query, key, value, attn_mask=attn_mask, dropout_p=float(dropout) if module.training else 0.0,
                     scale=scaling, enable_gqa=query.shape[1] != key.shape[1], variant=variant)
     return out.transpose(1, 2).contiguous(), None
+
+
+_capped: dict[tuple, tuple[Variant, Variant]] = {}
+
+
+def _with_softcap(variant: Variant, cap: float) -> Variant:
+    """``variant + softcap(cap)``, the same object each time for a tensor-free ``variant`` (the
+    per-call memo in functional.attention is keyed by the variant object)."""
+    if variant.tensors():
+        return variant + V.softcap(cap)
+    k = (id(variant), cap)
+    hit = _capped.get(k)
+    if hit is None or hit[0] is not variant:
+        if len(_capped) >= 256:
+            _capped.clear()
+        hit = _capped[k] = (variant, variant + V.softcap(cap))  # holds variant: its id stays unique
+    return hit[1]
 
 
 # ---------------------------------------------------------------------------------- register
