@@ -67,12 +67,20 @@ def run(args) -> int:
 
     res = {"model": cfg.model_type, "batch": args.batch, "seq_len": args.seq_len}
     with torch.no_grad():
-        logits = {impl: m(ids).logits.float() for impl, m in models.items()}
+        outs = {impl: m(ids, output_hidden_states=True) for impl, m in models.items()}
+        logits = {impl: o.logits.float() for impl, o in outs.items()}
         res["logits_max_abs_diff"] = float((logits["sdpa"] - logits["r1attn"]).abs().max())
         res["argmax_agreement"] = float((logits["sdpa"].argmax(-1) == logits["r1attn"].argmax(-1)).float().mean())
+        # the last hidden state, before the final norm and any final-logit soft-cap: with random
+        # weights Gemma-2's capped logits saturate, which would hide any attention difference
+        h = {impl: o.hidden_states[-1].float() for impl, o in outs.items()}
+        res["hidden_max_abs_diff"] = float((h["sdpa"] - h["r1attn"]).abs().max())
+        res["hidden_max_abs"] = float(h["sdpa"].abs().max())
         for impl, m in models.items():
             res[f"{impl}_forward_ms"] = float(do_bench(lambda: m(ids), warmup=50, rep=300, return_mode="median"))
         gen = {}
+        for impl, m in models.items():  # warm-up: the first generate of a process pays one-time costs
+            m.generate(ids[:, :240], max_new_tokens=2, do_sample=False, attention_mask=torch.ones_like(ids[:, :240]))
         for impl, m in models.items():
             t0 = time.perf_counter()
             gen[impl] = m.generate(ids[:, :240], max_new_tokens=args.new_tokens, do_sample=False,
