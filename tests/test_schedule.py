@@ -440,11 +440,13 @@ def test_real_worker_reports_cached_entries(cache_dir):
 @pytest.mark.slow
 def test_real_worker_searches_on_cpu_then_reports_cached(cache_dir):
     """The whole path on the CPU: interpreter-mode worker, templates search, cache, then a hit."""
-    job = make_job("causal", 32)
+    # two signatures in one worker: its verifier pool (and the spare fresh worker) serve both
+    job, other = make_job("causal", 32), make_job("sliding", 32, V.sliding_window(8))
     s = Settings(budget_s=60.0, max_candidates=2, rounds=1, samples=2, workers=1, cache_dir=str(cache_dir))
-    (first,) = run_jobs([job], [], settings=s, progress=False)
-    assert first.status in ("kernel", "negative"), first.error
-    assert first.gpu == "cpu" and first.error is None
+    first, first_other = run_jobs([job, other], [], settings=s, progress=False)
+    for r in (first, first_other):
+        assert r.status in ("kernel", "negative"), r.error
+        assert r.gpu == "cpu" and r.error is None
     (second,) = run_jobs([job], [], settings=s, progress=False)
     assert second.status == "cached", second.error
     if first.status == "kernel":

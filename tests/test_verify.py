@@ -232,9 +232,15 @@ def test_verify_many_and_reverify_fresh(causal_problem):
         assert [r.verdict for r in rs] == ["pass", "fail", "fail"]
         assert [failing(r) for r in rs[1:]] == ["values", "written"]
         idle = {w.proc.pid for w in p._idle}
+        spare = p._spare["cpu"]  # started during verify_many, has run nothing
+        assert spare.jobs == 0 and spare.proc.pid not in idle
         r = p.reverify_fresh(cands[0], causal_problem)
         assert r.verdict == "pass"
+        assert "cpu" not in p._spare and spare.proc.poll() is not None  # it ran the winner, then closed
         assert {w.proc.pid for w in p._idle} == idle  # the fresh worker was not kept
+        p.verify_many(cands[:1], causal_problem)
+        nxt = p._spare["cpu"]
+    assert nxt.proc.wait(timeout=10) is not None  # closing the pool ends the unused spare too
 
 
 def test_verify_function_without_pool(causal_problem):

@@ -864,6 +864,20 @@ def _entry_facts(entry) -> dict:
     }
 
 
+_pool = None
+
+
+def _search_pool():
+    """One verifier pool for every search of this prewarm worker: its processes (Python, torch,
+    CUDA context, compiled Triton kernels) start once per GPU, not once per signature."""
+    global _pool
+    if _pool is None:
+        from .verify import VerifierPool
+
+        _pool = VerifierPool(current_settings().workers)
+    return _pool
+
+
 def _real_handle(msg: dict) -> dict:
     from safetensors.torch import load_file
 
@@ -881,7 +895,7 @@ def _real_handle(msg: dict) -> dict:
     if entry is not None:
         log.info("%s: already in the cache (%s)", spec.uri, "negative" if entry.negative else "kernel")
         return {"status": "cached", **_entry_facts(entry)}
-    res = search_now(spec, variant, current_settings())
+    res = search_now(spec, variant, current_settings(), pool=_search_pool())
     if res.cached and res.entry is not None:
         return {"status": "cached", **_entry_facts(res.entry)}
     if res.winner is not None:
@@ -904,7 +918,11 @@ def main(argv: list[str] | None = None) -> int:
         level = "INFO"  # invalid R1ATTN_* settings: _real_startup raises again and reports it as fatal
     logging.basicConfig(stream=sys.stderr, level=level,
                         format="%(asctime)s %(process)d %(levelname)s %(name)s: %(message)s")
-    return _worker_loop(_real_handle, _real_startup)
+    try:
+        return _worker_loop(_real_handle, _real_startup)
+    finally:
+        if _pool is not None:
+            _pool.close()
 
 
 if __name__ == "__main__":

@@ -59,9 +59,10 @@ def problem_for(spec: AttentionSpec, variant: Variant) -> Problem:
 
 
 def search_now(spec: AttentionSpec, variant: Variant, settings: Settings | None = None, *,
-               progress: bool = False, stop: threading.Event | None = None) -> SearchResult:
+               progress: bool = False, stop: threading.Event | None = None, pool=None) -> SearchResult:
     """Search ``spec`` now unless the cache already has a verdict or another process is on it
-    (then wait for its verdict, up to twice the budget)."""
+    (then wait for its verdict, up to twice the budget). ``pool``: a VerifierPool to verify on
+    (kept open; a prewarm worker shares one across its searches), else one for this search."""
     from .. import cache as cache_mod
 
     s = settings or current_settings()
@@ -91,7 +92,7 @@ def search_now(spec: AttentionSpec, variant: Variant, settings: Settings | None 
             return SearchResult(spec_uri=spec.uri, reason=f"no proposer available for R1ATTN_PROPOSER={s.proposer}")
         problem = problem_for(spec, variant)
         try:
-            return run_search(problem, proposers, settings=s, cache=cache, progress=progress, stop=stop)
+            return run_search(problem, proposers, settings=s, cache=cache, progress=progress, stop=stop, pool=pool)
         finally:
             for p in proposers:
                 p.close()

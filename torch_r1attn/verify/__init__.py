@@ -144,6 +144,10 @@ class VerifierPool:
             raise ValueError(f"timeout_s must be a positive number of seconds, got {timeout_s}")
         self._dir = Path(tempfile.mkdtemp(prefix="r1attn-verify-"))  # mode 0700: private
         self._idle: list[WorkerProcess] = []
+        # A started worker that has run nothing yet, per device: the fresh re-verification of a
+        # winner takes it instead of paying a worker start (Python + torch + CUDA init) on the
+        # search's critical path. It starts while the candidates are being verified.
+        self._spare: dict[str, WorkerProcess] = {}
         self._lock = threading.Lock()
         self._device_lock = _DeviceLock()
         self._prepared: dict[int, _Prepared] = {}
@@ -162,8 +166,11 @@ class VerifierPool:
         with self._lock:
             self._closed = True
             idle, self._idle = self._idle, []
+            spares, self._spare = list(self._spare.values()), {}
         for w in idle:
             w.close()
+        for w in spares:
+            w.kill()
         shutil.rmtree(self._dir, ignore_errors=True)
 
     def __del__(self) -> None:  # a forgotten pool must not leave processes behind
@@ -188,6 +195,37 @@ class VerifierPool:
             w.kill()
             raise VerifierError(f"verifier worker failed to start: {e}\n{tail[-2000:]}") from None
         return w
+
+    def _start_spare(self, device: str) -> None:
+        """Start (not wait for) a spare worker for ``device`` unless one is there."""
+        with self._lock:
+            if self._closed or (device in self._spare and self._spare[device].alive):
+                return
+        try:
+            w = WorkerProcess(self._dir / f"worker-{next(self._ids)}.log", device,
+                              ceilings_path=self._ceilings_path(device))
+        except OSError as e:  # no spare: the fresh verification spawns its own worker
+            log.debug("could not start a spare verifier worker: %s", e)
+            return
+        with self._lock:
+            old = self._spare.get(device)
+            if self._closed or (old is not None and old.alive):
+                w.kill()
+                return
+            self._spare[device] = w
+
+    def _take_fresh(self, device: str) -> WorkerProcess:
+        """A worker that has run nothing: the spare when it started fine, else a new one."""
+        with self._lock:
+            w = self._spare.pop(device, None)
+        if w is not None:
+            try:
+                w.wait_ready()
+                return w
+            except (WorkerDied, WorkerTimeout) as e:
+                log.debug("spare verifier worker failed to start (%s); starting another", e)
+                w.kill()
+        return self._spawn(device)
 
     def _take(self, device: str) -> WorkerProcess:
         with self._lock:
@@ -281,7 +319,7 @@ class VerifierPool:
             "name_hint": f"cand_{candidate.hash}", "timing": meaningful, "recheck": self.protocol.recheck_after_timing,
             "baselines": baselines and prep.baselines_ms is None,
         }))
-        w = self._spawn(device) if fresh else self._take(device)
+        w = self._take_fresh(device) if fresh else self._take(device)
         since = w.log_offset()
         try:
             w.run_job(job, self.timeout_s, self._device_lock.acquire)
@@ -314,6 +352,7 @@ class VerifierPool:
         if not cands:
             return []
         self._prepare(problem)  # once, before the threads race for it
+        self._start_spare(str(problem.device))  # for the winner's fresh re-verification
         it = iter(range(len(cands)))
         it_lock = threading.Lock()
         errors: list[BaseException] = []
