@@ -131,9 +131,15 @@ def prewarm_parallel(cases, gpus: list[int], budget: float) -> tuple[dict[str, d
         if not group:
             continue
         jobs = [PrewarmJob.from_variant(_spec_of(c), c.variant, c.name) for c in group]
-        for r in run_jobs(jobs, gpus, settings=s, progress=False):
+
+        def record(r) -> None:  # as each search ends: a run cut by a time limit keeps its verdicts
             out[r.job.label] = {"status": r.status, "speedup": r.speedup, "best_baseline": r.best_baseline,
                                 "search_s": round(r.seconds, 1), "gpu": r.gpu, "winner": r.winner, "error": r.error}
+            write_json(out_dir() / "prewarm_searches.json", out)
+            log.info("prewarm %s: %s", r.job.label, out[r.job.label])
+
+        for r in run_jobs(jobs, gpus, settings=s, progress=False, on_result=record):
+            record(r)
     wall = time.monotonic() - t0
     serial = sum(v["search_s"] for v in out.values())
     return out, {"gpus": gpus, "wall_s": round(wall, 1), "sum_job_s": round(serial, 1),

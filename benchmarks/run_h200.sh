@@ -3,7 +3,7 @@
 # (device tool: carry .whl; see README "Set up, run, test" for the wheel list). Each step fits in
 # one 10-minute device command; results land in $OUT (copy them into benchmarks/results/).
 #   step=tests   pytest -m gpu, every file (xdist by file, verifier alone)  (~5-7 min)
-#   step=bench   prewarm + the variant suite vs peers at one anchor shape    (~6-8 min per shape)
+#   step=bench   prewarm + the variant suite vs peers at one anchor shape    (~9 min; variants="a b" splits it)
 #   step=e2e     prewarm a Llama- and a Gemma-2-shaped model, then a fresh
 #                process with zero misses and its forward time vs sdpa       (~5 min)
 #   step=multi   single-GPU vs all-GPU prewarm of the same 12 signatures     (nvidia-h200-x2, ~8 min)
@@ -12,6 +12,9 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 OUT=${OUT:-$PWD/bench_out}
 mkdir -p "$OUT"
 fresh_cache() { export R1ATTN_CACHE_DIR=$(mktemp -d); chmod 700 "$R1ATTN_CACHE_DIR"; }
+# every search report (JSON + scaling plot) of this run's cache, paths kept (they share file names)
+save_reports() { (cd "$R1ATTN_CACHE_DIR" && find . -path '*report*' -type f \( -name '*.json' -o -name '*.png' \) \
+                  | tar czf "$OUT/search_reports.tgz" -T -) || true; }
 case "${step:-tests}" in
   tests)
     fresh_cache
@@ -23,9 +26,11 @@ case "${step:-tests}" in
       | tee "$OUT/gpu_tests_verify.log" | tail -8 || true ;;
   bench)
     fresh_cache
-    R1ATTN_WORKERS=3 R1ATTN_SAMPLES=6 R1ATTN_ROUNDS=1 \
+    # ~90 s per structured signature at S=4096 in session 2 (budget 30, 4 workers): one shape per call
+    R1ATTN_WORKERS=${workers:-4} R1ATTN_SAMPLES=8 R1ATTN_ROUNDS=2 timeout ${t_bench:-560} \
       python3 benchmarks/bench_variants.py --shape "${shape:-B4_H32_S4096_D128}" --prewarm-gpus "${gpus:-all}" \
-      --budget 60 2>&1 | tee "$OUT/bench.log" | grep -E "^B|geometric|\|" ;;
+      --budget ${budget:-30} --quick $(for v in ${variants:-}; do echo --variant $v; done) 2>&1 | tee "$OUT/bench.log" | grep -E "^B|geometric|\|" || true
+    save_reports ;;
   e2e)
     fresh_cache
     # per model: "name:prefill length timed" (generation always starts from a 240-token prompt)
@@ -37,7 +42,8 @@ case "${step:-tests}" in
       timeout 120 python3 benchmarks/e2e_hf.py run --config /tmp/cfg_$m/config.json --seq-len $L --batch 2 || true
     done 2>&1 | tee "$OUT/e2e.log" | tail -40
     [ -z "${overhead:-}" ] || timeout 60 python3 benchmarks/dispatch_overhead.py $overhead 2>&1 | tail -3
-    python3 -m torch_r1attn.cli cache ls > "$OUT/cache_ls.txt" 2>&1 || true ;;
+    python3 -m torch_r1attn.cli cache ls > "$OUT/cache_ls.txt" 2>&1 || true
+    save_reports ;;
   multi)
     for g in 0 all; do
       fresh_cache

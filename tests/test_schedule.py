@@ -223,8 +223,16 @@ def test_duplicate_signature_is_searched_once_reported_twice(fake_env):
     a, c = make_job("a", head_dim=32), make_job("c", head_dim=48)
     b = make_job("b", head_dim=32)  # same spec as "a" under another label
     assert a.spec.hash == b.spec.hash
-    results = run_jobs([a, b, c, a], [0, 1], worker_cmd=FAKE, progress=False)
+    seen = []
+
+    def on_result(r):
+        seen.append(r.job.label)
+        if r.job.label == "c":
+            raise RuntimeError("a broken callback is logged, not raised")
+
+    results = run_jobs([a, b, c, a], [0, 1], worker_cmd=FAKE, progress=False, on_result=on_result)
     assert [r.job.label for r in results] == ["a", "b", "c", "a"]
+    assert sorted(seen) == ["a", "a", "b", "c"]  # every job, as its search ended
     assert sorted(x[0] for x in attempts(fake_env.state)) == ["a", "c"]
     ra, rb = results[0], results[1]
     assert ra.status == rb.status == "kernel" and ra.winner == rb.winner and ra.gpu == rb.gpu

@@ -186,7 +186,8 @@ def settings_env(s: Settings) -> dict[str, str]:
 
 
 def run_jobs(jobs: list[PrewarmJob], gpus: list[int] | None = None, *, settings: Settings | None = None,
-             progress: bool = True, worker_cmd: list[str] | None = None, max_requeue: int = 1) -> list[JobResult]:
+             progress: bool = True, worker_cmd: list[str] | None = None, max_requeue: int = 1,
+             on_result: Callable[[JobResult], None] | None = None) -> list[JobResult]:
     """Prewarm ``jobs`` with one search worker per GPU in ``gpus``; one result per job, in order.
 
     ``gpus``: indices as :func:`parse_gpus` returns them (``None`` = every visible GPU; ``[]`` =
@@ -196,6 +197,8 @@ def run_jobs(jobs: list[PrewarmJob], gpus: list[int] | None = None, *, settings:
     ``progress``: a tqdm bar when tqdm is importable, else a log line per job and a heartbeat.
     ``worker_cmd``: the worker command (default ``python -m torch_r1attn.schedule worker``).
     ``max_requeue``: how many times a job whose worker died is tried again.
+    ``on_result``: called with each job's result as soon as it is known (a caller that may be cut
+    short by a time limit records results as they come); an exception in it is logged, not raised.
 
     Never raises for a job's failure (that is a ``failed`` result). Raises TypeError/ValueError
     for malformed arguments; re-raises KeyboardInterrupt after killing every worker.
@@ -244,7 +247,7 @@ def run_jobs(jobs: list[PrewarmJob], gpus: list[int] | None = None, *, settings:
             t.indices.append(idx)
         slots = _make_slots(gpus, s)
         sched = _Scheduler(tasks, slots, cmd, Path(tmp), max_requeue, _job_timeout(s),
-                           _Progress(len(jobs), progress))
+                           _Progress(len(jobs), progress), on_result=on_result, jobs=jobs)
         sched.run()
 
     results: list[JobResult | None] = [None] * len(jobs)
@@ -520,8 +523,10 @@ class _Scheduler:
     events; everything else (dispatch, deaths, restarts, deadlines) happens on the caller's thread."""
 
     def __init__(self, tasks: list[_Task], slots: list[_Slot], cmd: list[str], tmp: Path, max_requeue: int,
-                 job_timeout: float, progress: _Progress):
+                 job_timeout: float, progress: _Progress, *, on_result: Callable[[JobResult], None] | None = None,
+                 jobs: list[PrewarmJob] | None = None):
         self.tasks, self.slots, self.cmd, self.tmp = tasks, slots, cmd, tmp
+        self.on_result, self.jobs = on_result, jobs or [t.job for t in tasks]
         self.max_requeue, self.job_timeout, self.progress = max_requeue, job_timeout, progress
         self.pending: deque[_Task] = deque(tasks)
         self.workers: list[_Worker] = []  # live ones (not yet dead)
@@ -646,6 +651,12 @@ class _Scheduler:
         if result.gpu in self.per_gpu:
             self.per_gpu[result.gpu] += len(t.indices)
         self.progress.finished(result, len(t.indices), self.per_gpu)
+        if self.on_result is not None:
+            for idx in t.indices:
+                try:
+                    self.on_result(dataclasses.replace(result, job=self.jobs[idx]))
+                except Exception:  # noqa: BLE001 - a caller's callback must not end the run
+                    log.exception("prewarm: on_result callback failed for %s", t.job.label)
 
     def _on_death(self, w: _Worker) -> None:
         w.state = "dead"
