@@ -27,11 +27,11 @@ class _Recorder:
 def inject():
     made = []
 
-    def put(q, k, v, variant):
+    def put(q, k, v, variant, strided_out=False):
         kern = _Recorder()
         key = table_key(q, k, v, variant)
         dispatch._table[key] = Resolved(spec=AttentionSpec.from_call(q, k, v, variant.key), path="eager",
-                                        reason="test", kernel=kern, unsupported=_UNCHECKED)
+                                        reason="test", kernel=kern, unsupported=_UNCHECKED, strided_out=strided_out)
         made.append(key)
         return kern
 
@@ -62,3 +62,37 @@ def test_grad_or_dropout_skip_the_kernel(inject):
     assert kern.outs == []
     r1.attention(q.detach(), k, v, variant=V.causal())
     assert len(kern.outs) == 1
+
+
+@pytest.mark.parametrize("strided_out", [True, False])
+def test_transformers_layout_written_directly_only_by_kernels_verified_on_it(inject, strided_out):
+    """HF transposes the result to (B, S, H, Dv): a kernel whose cache entry passed the verifier's
+    strided-layout trial writes that layout, so the transpose + .contiguous() copies nothing."""
+    from torch_r1attn import functional
+    from torch_r1attn.integrations import hf
+
+    var = V.causal()
+    q = torch.randn(2, 17, 4, 32).transpose(1, 2)
+    k, v = torch.randn(2, 17, 2, 32).transpose(1, 2), torch.randn(2, 17, 2, 32).transpose(1, 2)
+    kern = inject(q, k, v, var, strided_out=strided_out)
+    out = functional._attention(q, k, v, enable_gqa=True, variant=var, bshd_out=True)
+    assert out.shape == (2, 4, 17, 32)
+    assert out.transpose(1, 2).is_contiguous() == strided_out
+    assert r1.attention(q, k, v, enable_gqa=True, variant=var).is_contiguous()  # the public API: always (B, H, S, D)
+
+    class Layer(torch.nn.Module):
+        is_causal = True
+
+    hf_out, _ = hf.r1attn_attention_forward(Layer(), q, k, v, None)
+    assert hf_out.shape == (2, 17, 4, 32) and hf_out.is_contiguous() and bool((hf_out == 7.0).all())
+    assert (hf_out.data_ptr() == kern.outs[-1].data_ptr()) == strided_out  # no copy when written in place
+
+
+def test_kernel_not_verified_on_strided_layouts_gets_contiguous_inputs(inject):
+    q = torch.randn(1, 9, 2, 16).transpose(1, 2)
+    k, v = torch.randn(1, 2, 9, 16), torch.randn(1, 2, 9, 16)
+    seen = []
+    kern = inject(q, k, v, V.causal(), strided_out=False)
+    kern.fn = lambda q, k, v, out, scale, **t: seen.append((q.is_contiguous(), out.is_contiguous()))
+    r1.attention(q, k, v, variant=V.causal())
+    assert seen == [(True, True)]

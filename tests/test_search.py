@@ -17,6 +17,7 @@ import pytest
 import torch
 
 import torch_r1attn as r1
+from torch_r1attn import functional
 from torch_r1attn import config, dispatch, variants as V
 from torch_r1attn.problem import Problem
 from torch_r1attn.reference import reference_attention
@@ -78,6 +79,13 @@ def test_loop_end_to_end_every_variant(name, fast_settings):
     assert st and st[0]["kernel"], st
     ref = reference_attention(q.double(), k.double(), v.double(), var, 1 / math.sqrt(q.shape[-1]))
     assert_close_to_ref(out, ref)
+    # verified on (B, S, H, D)-strided layouts too: the transformers path writes its layout directly
+    assert "strided_layouts" in res.entry.meta["checks"]
+    assert next(iter(dispatch._table.values())).strided_out
+    qs, ks, vs = (x.transpose(1, 2).contiguous().transpose(1, 2) for x in (q, k, v))
+    out_s = functional._attention(qs, ks, vs, variant=var, on_miss="off", bshd_out=True)
+    assert out_s.transpose(1, 2).is_contiguous()
+    assert_close_to_ref(out_s, ref)
 
 
 def test_background_policy_picks_kernel_up(fast_settings):

@@ -132,6 +132,14 @@ def test_correct_only_at_block_multiples(pool, causal_problem):
     assert all(int(t.split("Sk")[-1]) % BLOCK for t in failed)
 
 
+def test_assumes_contiguous_layout(pool, causal_problem):
+    """The contract says strides are arbitrary, and transformers hands over (B, S, H, D)-strided
+    views: a kernel that only works on contiguous tensors must not pass."""
+    r = pool.verify(Candidate(src("bad_assumes_contiguous.py", causal=True)), causal_problem)
+    assert r.verdict == "fail" and failing(r) == "values", r.feedback
+    assert "[B,S,H,D strides]" in r.feedback
+
+
 def test_nondeterministic(pool, causal_problem):
     cand = Candidate(src("bad_nondeterministic.py", causal=True))
     r = pool.verify(cand, causal_problem)

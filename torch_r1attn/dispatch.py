@@ -52,6 +52,7 @@ class Resolved:
     next_check: float = 0.0
     unsupported: Any = None  # _UNCHECKED until the kernel's SUPPORTS was checked for this entry
     source: str = "miss"  # how it was decided: cache-kernel | cache-negative | no-kernels | miss
+    strided_out: bool = False  # the kernel was verified on (B, S, H, D)-strided q, k, v and out
 
 
 _table: dict[tuple, Resolved] = {}
@@ -89,9 +90,12 @@ def table_key(q, k, v, variant: Variant) -> tuple:
 
 
 def forward(q, k, v, variant: Variant, scale: float, enable_gqa: bool, dropout_p: float, on_miss: str | None,
-            key: tuple | None = None):
+            key: tuple | None = None, bshd_out: bool = False):
     """Run one validated call (functional.attention validates). ``key``: its :func:`table_key`
-    when the caller has it memoised."""
+    when the caller has it memoised. ``bshd_out``: the caller will transpose the result to
+    (B, S, H, Dv) (transformers does): a kernel verified on strided layouts then writes straight
+    into that layout and the (B, H, S, Dv) view is returned, so the caller's ``.contiguous()`` is
+    free (as it is after SDPA's flash/cuDNN kernels)."""
     needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
     if dropout_p > 0.0 or needs_grad or q.dtype not in _KERNEL_DTYPES:
         path, reason = fallback.choose(variant, q.device, settings().fallback)
@@ -124,9 +128,15 @@ def forward(q, k, v, variant: Variant, scale: float, enable_gqa: bool, dropout_p
         if why is _UNCHECKED:
             why = r.unsupported = r.kernel.unsupported(q, k, v)
         if why is None:
-            # empty_like is ~3x cheaper on the host than torch.empty(shape, dtype=, device=)
-            out = (torch.empty_like(q, memory_format=torch.contiguous_format) if v.shape[-1] == q.shape[-1]
-                   else q.new_empty(q.shape[:-1] + (v.shape[-1],)))
+            if not r.strided_out and not (q.is_contiguous() and k.is_contiguous() and v.is_contiguous()):
+                # an entry verified before the strided-layout trial existed: hand it what it was checked on
+                q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+            if bshd_out and r.strided_out:
+                B, H, S, _ = q.shape
+                out = q.new_empty((B, S, H, v.shape[-1])).transpose(1, 2)
+            else:  # empty_like: ~3x cheaper on the host than torch.empty(shape, dtype=, device=)
+                out = (torch.empty_like(q, memory_format=torch.contiguous_format) if v.shape[-1] == q.shape[-1]
+                       else q.new_empty(q.shape[:-1] + (v.shape[-1],)))
             r.kernel.fn(q, k, v, out, scale, **variant.tensors())
             return out
         log_once(logging.INFO, ("unsup", r.spec.uri, why), "r1attn %s: kernel does not support this call (%s); "
@@ -187,6 +197,7 @@ def _try_cache(r: Resolved) -> bool:
                  "fallback %s", r.spec.uri, type(e).__name__, e, r.path)
         return True
     r.kernel_info = dict(entry.meta.get("measurements", {}))
+    r.strided_out = "strided_layouts" in (entry.meta.get("checks") or [])
     r.unsupported = _UNCHECKED
     r.source = "cache-kernel"
     r.pending = None

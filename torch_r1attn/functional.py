@@ -62,6 +62,13 @@ def attention(
             x . . .                         x x x .
             x x . .                         x x x x
     """
+    return _attention(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, variant, on_miss)
+
+
+def _attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False,
+               variant=None, on_miss=None, bshd_out: bool = False) -> torch.Tensor:
+    """:func:`attention`; ``bshd_out`` (integrations that transpose the result to (B, S, H, Dv))
+    lets a kernel write that layout directly (see :func:`dispatch.forward`)."""
     # Fast path: a call shaped like an earlier one re-uses its validated variant, its default
     # scale and its dispatch-table key (all pure functions of these fields; variants are
     # immutable). Validation + key building cost ~8 us per call on the CPU; this lookup ~1 us.
@@ -88,7 +95,7 @@ def attention(
         from .ops import attention_op
 
         return attention_op(query, key, value, variant, scale, enable_gqa, float(dropout_p), on_miss)
-    return dispatch.forward(query, key, value, variant, scale, enable_gqa, float(dropout_p), on_miss, tkey)
+    return dispatch.forward(query, key, value, variant, scale, enable_gqa, float(dropout_p), on_miss, tkey, bshd_out)
 
 
 _validated: dict[tuple, tuple] = {}
@@ -99,6 +106,8 @@ def _small(variant: Variant) -> bool:
     """Memoise only variants whose tensors are small: the memo keeps its variants alive, and a
     model that builds a dense mask per forward would otherwise pin up to 512 of them."""
     return sum(t.untyped_storage().nbytes() for t in variant.tensors().values()) <= _MEMO_TENSOR_BYTES
+
+
 _is_compiling = torch.compiler.is_compiling
 
 

@@ -38,6 +38,15 @@ MUTANTS: dict[str, tuple[str, list[tuple[str, str]]]] = {
         [("s = tl.dot(q, k, input_precision=\"ieee\") * sm_scale\n",
           "s = tl.dot(q, k, input_precision=\"ieee\") * sm_scale * sm_scale\n"),
          ("s = tl.dot(q, k) * sm_scale\n", "s = tl.dot(q, k) * sm_scale * sm_scale\n")]),
+    "bad_assumes_contiguous.py": (
+        "computes every stride from the shapes, as if q, k, v and out were contiguous (B, H, S, D): "
+        "right on contiguous tensors, wrong on transformers' (B, S, H, D)-strided views. Expected: "
+        "check 'values' on the [B,S,H,D strides] trial.",
+        [("*q.stride(), *k.stride(), *v.stride(), *out.stride(),",
+          "*_contig(q), *_contig(k), *_contig(v), *_contig(out),"),
+         ("def forward(q, k, v, out, scale, **variant_tensors):\n",
+          "def _contig(x):\n    B, H, S, D = x.shape\n    return H * S * D, S * D, D, 1\n\n\n"
+          "def forward(q, k, v, out, scale, **variant_tensors):\n")]),
     "bad_partial_write.py": (
         "never writes the last query row of out. Expected: check 'written'.",
         [("mask=(offs_m[:, None] < SQ) & (offs_dv[None, :] < DV))",

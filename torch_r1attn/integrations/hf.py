@@ -257,7 +257,7 @@ def r1attn_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: 
     unless ``module.is_causal`` is False). Raises ValueError when a StructuredMask was made for
     other lengths than the call's, TypeError for any other mask type.
     """
-    from ..functional import attention
+    from ..functional import _attention
 
     if kwargs.get("output_attentions", False) and not _compiling():
         log.warning("r1attn: output_attentions=True is not supported; returning None weights")
@@ -284,9 +284,9 @@ def r1attn_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: 
         variant = _with_softcap(variant, cap)
     if scaling is None:
         scaling = getattr(module, "scaling", None)
-    out = attention(query, key, value, attn_mask=attn_mask, dropout_p=float(dropout) if module.training else 0.0,
-                    scale=scaling, enable_gqa=query.shape[1] != key.shape[1], variant=variant)
-    return out.transpose(1, 2).contiguous(), None
+    out = _attention(query, key, value, attn_mask=attn_mask, dropout_p=float(dropout) if module.training else 0.0,
+                     scale=scaling, enable_gqa=query.shape[1] != key.shape[1], variant=variant, bshd_out=True)
+    return out.transpose(1, 2).contiguous(), None  # no copy when the kernel wrote (B, S, H, Dv)
 
 
 _capped: dict[tuple, tuple[Variant, Variant]] = {}

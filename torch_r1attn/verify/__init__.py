@@ -264,7 +264,7 @@ class VerifierPool:
             tensors.update({f"t{i}.q": t.q, f"t{i}.k": t.k, f"t{i}.v": t.v})
             tensors.update({f"t{i}.vt.{n}": x for n, x in t.tensors.items()})
             meta.append({"name": t.name, "shape": list(t.shape), "calls": t.calls, "scale": t.scale,
-                         "tensors": list(t.tensors)})
+                         "tensors": list(t.tensors), "layout": t.layout})
         save_file({n: x.detach().cpu().clone().contiguous() for n, x in tensors.items()}, str(d / "inputs.safetensors"))
         recipe, rt = variant_to_recipe(problem.variant)
         if rt:

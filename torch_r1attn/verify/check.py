@@ -41,8 +41,8 @@ ATOL = {torch.float16: 2e-3, torch.bfloat16: 1e-2, torch.float32: 2e-5, torch.fl
 
 # Order in which checks are reported (the first failing one leads the feedback).
 CHECK_ORDER = ("static", "load", "supports", "run", "inputs_unchanged", "stream_order", "written",
-               "masked_rows", "values", "deterministic", "consecutive_calls", "recheck_after_timing",
-               "plausible_speed")
+               "masked_rows", "values", "strided_layouts", "deterministic", "consecutive_calls",
+               "recheck_after_timing", "plausible_speed")
 
 # Above this many score elements the reference runs in float32 (on the GPU) instead of float64.
 _FP64_LIMIT = 1 << 27
@@ -126,6 +126,11 @@ class Trial:
     ref: torch.Tensor | None = None  # float64/float32 reference
     base_err: float = 0.0  # PyTorch's own same-dtype error
     dead_rows: torch.Tensor | None = field(default=None, repr=False)  # bool (B, H, Sq) or None
+    # "bhsd": contiguous (B, H, S, D) tensors; "bshd": the same values laid out as (B, S, H, D) in
+    # memory and handed over as (B, H, S, D) views (what transformers passes after its
+    # projections, and the layout dispatch gives ``out`` in that path). The contract says strides
+    # are arbitrary; this trial holds a kernel to it for q, k, v *and* out.
+    layout: str = "bhsd"
 
 
 def random_qkv(shape: Shape, dtype: torch.dtype, dist: str, seed: int, dv: int, d: int):
@@ -202,18 +207,20 @@ def make_trials(problem: Problem, protocol: Protocol, scale: float | None = None
     trials: list[Trial] = []
     seed = protocol.seed
 
-    def add(name, shape, dist, s, calls, variant=None):
+    def add(name, shape, dist, s, calls, variant=None, layout="bhsd"):
         q, k, v = random_qkv(shape, dtype, dist, s, dv, d)
         var = variant if variant is not None else problem.variant_for(shape, s, device="cpu")
         trials.append(Trial(name=name, shape=tuple(shape), dist=dist, seed=s, calls=calls, q=q, k=k, v=v,
                             variant=var, tensors={n: t.contiguous() for n, t in var.tensors().items()},
-                            scale=scale))
+                            scale=scale, layout=layout))
 
     main = check_shape(problem, protocol)
     for dist in protocol.distributions:
         for i in range(protocol.seeds):
             seed += 1
-            add(f"{dist}#{i} {_fmt(main)}", main, dist, seed, protocol.calls if not trials else 1)
+            layout = "bshd" if len(trials) == 1 else "bhsd"  # the second main trial
+            add(f"{dist}#{i} {_fmt(main)}" + (" [B,S,H,D strides]" if layout == "bshd" else ""), main, dist, seed,
+                protocol.calls if not trials else 1, layout=layout)
     edges = list(problem.edge_shapes)
     if protocol.max_edge_shapes is not None:
         edges = edges[: protocol.max_edge_shapes]
@@ -227,6 +234,15 @@ def make_trials(problem: Problem, protocol: Protocol, scale: float | None = None
         if dead is not None:
             add(f"masked-rows {_fmt(main)}", main, protocol.distributions[0], seed, 1, dead)
     return trials
+
+
+def as_layout(x: torch.Tensor, layout: str) -> torch.Tensor:
+    """``x`` (B, H, S, D) with the same values, in ``layout``'s memory order (see Trial.layout)."""
+    if layout == "bhsd":
+        return x.contiguous()
+    if layout == "bshd":
+        return x.transpose(1, 2).contiguous().transpose(1, 2)
+    raise ValueError(f"unknown layout {layout!r}")
 
 
 def _fmt(shape: Shape) -> str:
@@ -444,7 +460,16 @@ def judge(trials: list[Trial], outputs: dict[str, torch.Tensor], report: dict) -
         agg["recheck_after_timing"].fail("recheck", "the worker did not return the re-check output")
     else:
         agg["recheck_after_timing"].ok_note = "not run (no timing phase)"
-    return [agg[n].result() for n in names]
+    results = [agg[n].result() for n in names]
+    strided = [t.name for t in trials[:done] if t.layout != "bhsd"]
+    if strided:
+        # named on its own so a cache entry records it: dispatch hands (B, S, H, D)-laid-out
+        # outputs only to kernels whose entry lists this check
+        bad = sorted({tr for a in agg.values() for tr in a.failed if tr in strided})
+        results.append(CheckResult("strided_layouts", not bad,
+                                   f"failed on {bad}" if bad else f"q, k, v and out as (B, S, H, D)-strided views: {strided}",
+                                   {"failed_trials": bad} if bad else {}))
+    return results
 
 
 def sort_checks(checks: list[CheckResult]) -> list[CheckResult]:

@@ -286,8 +286,11 @@ class _Worker:
             report["stage"] = "run"
             dev = torch.device(self.device)
             first_call = True
+            from .check import as_layout
+
             for i, t in enumerate(pmeta["trials"]):
-                q, k, v = (inputs[f"t{i}.{r}"].to(dev) for r in "qkv")
+                layout = t.get("layout", "bhsd")
+                q, k, v = (as_layout(inputs[f"t{i}.{r}"].to(dev), layout) for r in "qkv")
                 vt = {n: inputs[f"t{i}.vt.{n}"].to(dev) for n in t["tensors"]}
                 why = kern.unsupported(q, k, v)
                 if why is not None:
@@ -296,7 +299,8 @@ class _Worker:
                 out = None
                 for j in range(int(t["calls"])):
                     self.phase(f"trial {i} ({t['name']}) call {j + 1}")
-                    out = torch.full(q.shape[:-1] + (v.shape[-1],), float("nan"), dtype=q.dtype, device=dev)
+                    out = as_layout(torch.full(q.shape[:-1] + (v.shape[-1],), float("nan"), dtype=q.dtype,
+                                               device=dev), layout)
                     try:
                         kern(q, k, v, out, float(t["scale"]), **vt)
                         # read out in stream order (no sync first): side-stream work shows here
