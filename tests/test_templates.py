@@ -35,13 +35,16 @@ def make_problem(variant, B, Hq, Hkv, Sq, Sk, D, Dv, dtype, device="cpu") -> Pro
 
 
 def run_case(tmp_path, variant, *, B=1, Hq=2, Hkv=1, Sq=17, Sk=33, D=16, Dv=None, dtype=torch.float16,
-             config=None, device="cpu", gen=None, check_dtype=torch.float64, name="k"):
-    """Generate, load and run one kernel; compare with the reference. Returns the output."""
+             config=None, device="cpu", gen=None, check_dtype=torch.float64, name="k", layout="bhsd"):
+    """Generate, load and run one kernel; compare with the reference. Returns the output.
+    ``layout="bshd"``: q, k, v and out as (B, S, H, D)-laid-out views (transformers' layout)."""
+    from torch_r1attn.verify.check import as_layout
+
     Dv = Dv or D
     g = gen or torch.Generator().manual_seed(0)
-    q = torch.randn(B, Hq, Sq, D, generator=g).to(device, dtype)
-    k = torch.randn(B, Hkv, Sk, D, generator=g).to(device, dtype)
-    v = torch.randn(B, Hkv, Sk, Dv, generator=g).to(device, dtype)
+    q = as_layout(torch.randn(B, Hq, Sq, D, generator=g).to(device, dtype), layout)
+    k = as_layout(torch.randn(B, Hkv, Sk, D, generator=g).to(device, dtype), layout)
+    v = as_layout(torch.randn(B, Hkv, Sk, Dv, generator=g).to(device, dtype), layout)
     variant = variant.to(device)
     prob = make_problem(variant, B, Hq, Hkv, Sq, Sk, D, Dv, dtype, device)
     src = generate_source(prob, config or {})
@@ -49,7 +52,7 @@ def run_case(tmp_path, variant, *, B=1, Hq=2, Hkv=1, Sq=17, Sk=33, D=16, Dv=None
     path.write_text(src)
     kern = load_source_file(path, name_hint=name)
     assert kern.unsupported(q, k, v) is None
-    out = torch.full((B, Hq, Sq, Dv), float("nan"), dtype=dtype, device=device)
+    out = as_layout(torch.full((B, Hq, Sq, Dv), float("nan"), dtype=dtype, device=device), layout)
     scale = 1.0 / math.sqrt(D)
     q0, k0, v0 = q.clone(), k.clone(), v.clone()
     kern(q, k, v, out, scale, **variant.tensors())
@@ -257,6 +260,12 @@ def _write(tmp_path, src):
     return p
 
 
+@pytest.mark.parametrize("variant", [V.causal() + V.softcap(5.0), V.document(_doc) + V.causal("bottom_right")],
+                         ids=["softcap", "doc-br"])
+def test_transformers_layout(tmp_path, variant):
+    run_case(tmp_path, variant, B=2, Hq=4, Hkv=2, Sq=33, Sk=40, D=16, config=CFG_B, layout="bshd")
+
+
 def test_non_contiguous_inputs(tmp_path):
     g = torch.Generator().manual_seed(3)
     B, H, S, D = 1, 2, 17, 16
@@ -385,6 +394,17 @@ def test_gpu_real_shapes(tmp_path, name, dtype, D):
 def test_gpu_gqa_and_hopper_knobs(tmp_path, cfg):
     run_case(tmp_path, V.causal(), B=2, Hq=8, Hkv=2, Sq=1000, Sk=1000, D=128, dtype=torch.bfloat16, config=cfg,
              device="cuda", check_dtype=torch.float32)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("cfg", [{}, {"tma": True}, {"BLOCK_M": 128, "num_warps": 8}])
+@pytest.mark.parametrize("name", ["softcap_causal", "document_causal", "relbias_causal"])
+def test_gpu_transformers_layout(tmp_path, name, cfg):
+    """q, k, v and out as (B, S, H, D)-laid-out views, what the HF path hands kernels (and what the
+    verifier's strided-layout trial checks), incl. the tensor-descriptor (TMA) path."""
+    S, H = 1000, 8
+    run_case(tmp_path, GPU_VARIANTS[name](S, H), B=2, Hq=H, Hkv=H, Sq=S, Sk=S, D=128, dtype=torch.bfloat16,
+             config=cfg, device="cuda", check_dtype=torch.float32, layout="bshd")
 
 
 @pytest.mark.gpu
