@@ -328,3 +328,35 @@ def test_call_memo_hits_for_a_reused_variant_and_never_pins_big_tensors():
         r1.attention(q, k, v, variant=V.Variant([V.DenseMask(torch.ones(4, 2, 33, 33, dtype=torch.bool))]))
     with pytest.raises(ValueError, match="dense bias of shape .* does not broadcast.*dim Sk"):
         r1.attention(q, k, v, variant=V.Variant([V.DenseBias(torch.zeros(1, 1, 33, 34))]))
+
+
+def test_decode_steps_reuse_validation_but_length_checks_still_run(monkeypatch):
+    """Growing Sk by one per step (decoding) hits the length-bucketed memo: no full validation per
+    step, but what depends on the exact lengths is still checked."""
+    from torch_r1attn import functional
+
+    functional._validated.clear()
+    functional._by_length.clear()
+    full = []
+    real = functional._validate
+    monkeypatch.setattr(functional, "_validate", lambda *a: full.append(1) or real(*a))
+    q = torch.randn(1, 4, 1, 16)
+    kb, vb = torch.randn(1, 2, 64, 16), torch.randn(1, 2, 64, 16)
+    var = V.causal("bottom_right") + V.softcap(10.0)
+    for L in range(33, 65):  # one length bucket
+        out = r1.attention(q, kb[:, :, :L], vb[:, :, :L], enable_gqa=True, variant=var)
+        ref = eager_reference(q, kb[:, :, :L], vb[:, :, :L], var)
+        torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    assert len(full) == 1
+    with pytest.raises(ValueError, match="key has length 40 but value has length 39"):
+        r1.attention(q, kb[:, :, :40], vb[:, :, :39], enable_gqa=True, variant=var)
+    docs = V.causal("bottom_right") + V.document(torch.zeros(48, dtype=torch.long))
+    r1.attention(q, kb[:, :, :40], vb[:, :, :40], enable_gqa=True, variant=docs)
+    with pytest.raises(ValueError, match="doc_ids has length 48"):
+        r1.attention(q, kb[:, :, :50], vb[:, :, :50], enable_gqa=True, variant=docs)
+
+
+def eager_reference(q, k, v, var):
+    from torch_r1attn.reference import reference_attention
+
+    return reference_attention(q, k, v, var, 1 / math.sqrt(q.shape[-1]), dtype=torch.float64).to(q.dtype)
