@@ -138,8 +138,7 @@ def prewarm_parallel(cases, gpus: list[int], budget: float) -> tuple[dict[str, d
             write_json(out_dir() / "prewarm_searches.json", out)
             log.info("prewarm %s: %s", r.job.label, out[r.job.label])
 
-        for r in run_jobs(jobs, gpus, settings=s, progress=False, on_result=record):
-            record(r)
+        run_jobs(jobs, gpus, settings=s, progress=False, on_result=record)
     wall = time.monotonic() - t0
     serial = sum(v["search_s"] for v in out.values())
     return out, {"gpus": gpus, "wall_s": round(wall, 1), "sum_job_s": round(serial, 1),

@@ -67,9 +67,10 @@ _structures: list[tuple] = []
 _ids: dict[tuple, int] = {}
 _builders: dict[int, Callable[[list[torch.Tensor]], Variant]] = {}
 
-# part descriptor tag -> (Part class, number of runtime tensors it consumes)
-_TENSOR_PARTS = {"doc": V.Document, "alibi": V.Alibi, "relbias": V.RelativeBias,
-                 "dmask": V.DenseMask, "dbias": V.DenseBias}
+# parts that carry one runtime tensor: Part class -> (descriptor tag, field holding the tensor)
+_TENSOR_FIELDS = {V.Document: ("doc", "doc_ids"), V.Alibi: ("alibi", "slopes"), V.RelativeBias: ("relbias", "table"),
+                  V.DenseMask: ("dmask", "mask_tensor"), V.DenseBias: ("dbias", "bias")}
+_TENSOR_PARTS = {tag: cls for cls, (tag, _) in _TENSOR_FIELDS.items()}  # descriptor tag -> Part class
 
 
 def _describe_parts(variant: Variant) -> tuple[tuple, list[int], list[float], list[torch.Tensor]]:
@@ -82,7 +83,11 @@ def _describe_parts(variant: Variant) -> tuple[tuple, list[int], list[float], li
     floats: list[float] = []
     tensors: list[torch.Tensor] = []
     for p in variant.parts:
-        if isinstance(p, V.Causal):
+        tf = _TENSOR_FIELDS.get(type(p))
+        if tf is not None:
+            descs.append((tf[0],))
+            tensors.append(getattr(p, tf[1]))
+        elif isinstance(p, V.Causal):
             descs.append(("causal",))
         elif isinstance(p, V.SlidingWindow):
             descs.append(("sw",))
@@ -93,21 +98,6 @@ def _describe_parts(variant: Variant) -> tuple[tuple, list[int], list[float], li
         elif isinstance(p, V.Softcap):
             descs.append(("softcap",))
             floats.append(float(p.cap))
-        elif isinstance(p, V.Document):
-            descs.append(("doc",))
-            tensors.append(p.doc_ids)
-        elif isinstance(p, V.Alibi):
-            descs.append(("alibi",))
-            tensors.append(p.slopes)
-        elif isinstance(p, V.RelativeBias):
-            descs.append(("relbias",))
-            tensors.append(p.table)
-        elif isinstance(p, V.DenseMask):
-            descs.append(("dmask",))
-            tensors.append(p.mask_tensor)
-        elif isinstance(p, V.DenseBias):
-            descs.append(("dbias",))
-            tensors.append(p.bias)
         elif isinstance(p, V.MaskMod):
             descs.append(("mask_mod", p.fn))
         elif isinstance(p, V.ScoreMod):

@@ -183,7 +183,13 @@ def r1attn_mask(batch_size: int, q_length: int, kv_length: int, q_offset: int = 
     if desc is None or align is None:
         return _dense(batch_size, q_length, kv_length, q_offset, kv_offset, mask_function, attention_mask, kwargs)
 
-    if desc["docs"] is None and (attention_mask is None or (not _compiling() and _all_true(attention_mask))):
+    pad = None
+    if attention_mask is not None:
+        pad = mu.prepare_padding_mask(attention_mask, kv_length, kv_offset)[:, kv_offset:kv_offset + kv_length]
+        # an all-ones row is no mask; under compile that test would be data-dependent, so keep it
+        if not _compiling() and bool(pad.all()):
+            pad = None
+    if desc["docs"] is None and pad is None:
         # tensor-free: one shared Variant object per pattern, so every layer of every forward
         # hits functional.attention's per-call-shape memo (a new object there costs a full
         # validation: ~28 us per layer on the CPU, ~130 us on the H200's host)
@@ -198,11 +204,8 @@ def r1attn_mask(batch_size: int, q_length: int, kv_length: int, q_offset: int = 
         if docs.shape[-1] < kv_length or docs.shape[-1] < q_length + (kv_length - q_length if align == "bottom_right" else 0):
             return _dense(batch_size, q_length, kv_length, q_offset, kv_offset, mask_function, attention_mask, kwargs)
         parts.append(V.Document(docs.to(device)))
-    if attention_mask is not None:
-        pad = mu.prepare_padding_mask(attention_mask, kv_length, kv_offset)[:, kv_offset:kv_offset + kv_length]
-        # an all-ones row is no mask; under compile that test would be data-dependent, so keep it
-        if _compiling() or not bool(pad.all()):
-            parts.append(V.DenseMask(pad.to(device=device, dtype=torch.bool).view(batch_size, 1, 1, kv_length)))
+    if pad is not None:
+        parts.append(V.DenseMask(pad.to(device=device, dtype=torch.bool).view(batch_size, 1, 1, kv_length)))
     return StructuredMask(Variant(parts, align), q_length, kv_length)
 
 
@@ -216,11 +219,6 @@ def _shared_variant(window: int | None, causal: bool, align: str) -> Variant:
         parts = [V.SlidingWindow(window)] if window is not None else ([V.Causal()] if causal else [])
         v = _shared[k] = Variant(parts, align)
     return v
-
-
-def _all_true(attention_mask: torch.Tensor) -> bool:
-    return attention_mask.dtype == torch.bool and bool(attention_mask.all()) or \
-        attention_mask.dtype != torch.bool and bool((attention_mask != 0).all())
 
 
 def _dense(batch_size, q_length, kv_length, q_offset, kv_offset, mask_function, attention_mask, kwargs):
