@@ -6,12 +6,16 @@
 #   step=bench   prewarm + the variant suite vs peers at one anchor shape    (~9 min; variants="a b" splits it)
 #   step=e2e     prewarm a Llama- and a Gemma-2-shaped model, then a fresh
 #                process with zero misses and its forward time vs sdpa       (~5 min)
-#   step=multi   single-GPU vs all-GPU prewarm of the same 12 signatures     (nvidia-h200-x2, ~8 min)
+#   step=multi   all-GPU vs single-GPU prewarm of the same 8 Llama signatures (nvidia-h200-x2, ~8 min)
+# Steps can share the machine (one per GPU with CUDA_VISIBLE_DEVICES, each its own OUT); cache=DIR
+# keeps one cache across steps (e.g. phase=prewarm on one GPU, later phase=run).
 set -euo pipefail
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+# the wheels once per machine: concurrent steps must not install into /tmp/site at the same time
+[ -e /tmp/site/.r1attn_wheels ] || { python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
+  --upgrade --target /tmp/site .whl/*.whl && touch /tmp/site/.r1attn_wheels; }
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 OUT=${OUT:-$PWD/bench_out}
 mkdir -p "$OUT"
-fresh_cache() { export R1ATTN_CACHE_DIR=$(mktemp -d); chmod 700 "$R1ATTN_CACHE_DIR"; }
+fresh_cache() { export R1ATTN_CACHE_DIR=${cache:-$(mktemp -d)}; mkdir -p "$R1ATTN_CACHE_DIR"; chmod 700 "$R1ATTN_CACHE_DIR"; }
 # every search report (JSON + scaling plot) of this run's cache, paths kept (they share file names)
 save_reports() { (cd "$R1ATTN_CACHE_DIR" && find . -path '*report*' -type f \( -name '*.json' -o -name '*.png' \) \
                   | tar czf "$OUT/search_reports.tgz" -T -) || true; }
@@ -33,27 +37,31 @@ case "${step:-tests}" in
     save_reports ;;
   e2e)
     fresh_cache
-    # per model: "name:prefill length timed" (generation always starts from a 240-token prompt)
+    # per model: "name:prefill length timed" (generation always starts from a 240-token prompt);
+    # phase=prewarm|run|both (default both)
     for ms in ${models:-llama:2048 gemma2:2048}; do
       m=${ms%%:*} L=${ms##*:}
       python3 benchmarks/e2e_hf.py write-config --model-type $m --out /tmp/cfg_$m
-      timeout ${t_model:-600} python3 -m torch_r1attn.cli prewarm --config /tmp/cfg_$m/config.json \
-        --seq-lens $(echo 240,$L | tr ',' '\n' | sort -un | paste -sd,) --batch-sizes 2 --budget ${budget:-40} --gpus all || true
-      timeout 120 python3 benchmarks/e2e_hf.py run --config /tmp/cfg_$m/config.json --seq-len $L --batch 2 || true
-    done 2>&1 | tee "$OUT/e2e.log" | tail -40
-    [ -z "${overhead:-}" ] || timeout 60 python3 benchmarks/dispatch_overhead.py $overhead 2>&1 | tail -3
+      [ "${phase:-both}" = run ] || timeout ${t_model:-600} python3 -m torch_r1attn.cli prewarm \
+        --config /tmp/cfg_$m/config.json --seq-lens $(echo 240,$L | tr ',' '\n' | sort -un | paste -sd,) \
+        --batch-sizes 2 --budget ${budget:-40} --gpus all || true
+      [ "${phase:-both}" = prewarm ] || timeout ${t_run:-120} python3 benchmarks/e2e_hf.py run \
+        --config /tmp/cfg_$m/config.json --seq-len $L --batch 2 || true
+    done 2>&1 | tee -a "$OUT/e2e.log" | tail -40
+    [ -z "${overhead:-}" ] || timeout 90 python3 benchmarks/dispatch_overhead.py $overhead 2>&1 | tail -3
     python3 -m torch_r1attn.cli cache ls > "$OUT/cache_ls.txt" 2>&1 || true
     save_reports ;;
   multi)
-    for g in 0 all; do
-      fresh_cache
+    # a Llama-shaped model, 4 prompt lengths x (prefill, decode) = 8 signatures, searched with
+    # --gpus all and with --gpus 0, each into a fresh cache; the verdicts must agree
+    python3 benchmarks/e2e_hf.py write-config --model-type llama --out /tmp/cfg_multi >/dev/null
+    for g in ${legs:-all 0}; do
+      cache=/tmp/multi_cache_$g fresh_cache
       start=$(date +%s)
-      for m in llama gemma2; do
-        python3 benchmarks/e2e_hf.py write-config --model-type $m --out /tmp/cfg_$m >/dev/null
-        python3 -m torch_r1attn.cli prewarm --config /tmp/cfg_$m/config.json --seq-lens 240,2048 --batch-sizes 2 \
-          --budget 40 --gpus $g
-      done 2>&1 | tee "$OUT/multi_gpus_$g.log" | tail -20
+      timeout ${t_leg:-400} python3 -m torch_r1attn.cli prewarm --config /tmp/cfg_multi/config.json \
+        --seq-lens 240,512,1024,2048 --batch-sizes 2 --budget ${budget:-10} --gpus $g 2>&1 \
+        | tee "$OUT/multi_gpus_$g.log" | grep -E "signature|job|^gpu|total" || true
       echo "gpus=$g wall_s=$(( $(date +%s) - start ))" | tee -a "$OUT/multi.txt"
-      python3 -m torch_r1attn.cli cache ls | tee "$OUT/verdicts_gpus_$g.txt"
+      python3 -m torch_r1attn.cli cache ls > "$OUT/verdicts_gpus_$g.txt" 2>&1 || true
     done ;;
 esac
