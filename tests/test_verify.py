@@ -349,3 +349,86 @@ def test_baselines_are_timed_once_per_problem(pool, monkeypatch):
     r = pool.verify(Candidate(src("good_attention.py", causal=True)), prob, timing=False)
     assert r.ok, r.feedback
     assert [j["baselines"] for j in seen] == [False]
+
+
+# ------------------------------------------------------------------ device ceilings (protocol)
+_FAKE_STARTUP = r"""
+import json, os, sys
+proto = os.fdopen(os.dup(1), "w", buffering=1)
+proto.write(json.dumps({"ev": "lock", "mode": "exclusive"}) + "\n"); proto.flush()
+if sys.stdin.readline().strip() != "ok":
+    sys.exit(5)
+proto.write(json.dumps({"ev": "ready", "pid": os.getpid()}) + "\n"); proto.flush()
+sys.stdin.readline()
+"""
+
+
+def test_worker_startup_lock_is_granted_and_released_at_ready(tmp_path, monkeypatch):
+    """A worker that must measure the ceilings asks for the exclusive device lock before
+    ``ready``; the pool grants it and releases it when ``ready`` arrives (regression: ceilings
+    measured while other workers ran came out at a third of the H200's matmul speed)."""
+    import subprocess
+    import sys
+
+    from torch_r1attn.verify import worker as W
+
+    real_popen = subprocess.Popen
+
+    def fake_popen(cmd, **kw):  # the real WorkerProcess plumbing, a scripted worker behind it
+        return real_popen([sys.executable, "-c", _FAKE_STARTUP], **kw)
+
+    monkeypatch.setattr(W.subprocess, "Popen", fake_popen)
+    w = W.WorkerProcess(tmp_path / "w.log", "cpu")
+    events = []
+
+    def acquire(mode):
+        events.append(("acquire", mode))
+        return lambda: events.append(("release", mode))
+
+    try:
+        w.wait_ready(timeout_s=60, acquire=acquire)
+        assert w.ready
+        assert events == [("acquire", "exclusive"), ("release", "exclusive")]
+    finally:
+        w.kill()
+
+
+def test_ceilings_measured_once_under_a_file_lock(tmp_path, monkeypatch):
+    import threading
+    import time
+
+    from torch_r1attn.verify import timing
+
+    calls = []
+
+    def slow_measure():
+        calls.append(1)
+        time.sleep(0.3)
+        return {"matmul_bf16_tflops": 700.0, "copy_gbps": 4000.0}
+
+    monkeypatch.setattr(timing, "measure_ceilings", slow_measure)
+    path = tmp_path / "ceilings" / "dev.json"
+    got = []
+    ts = [threading.Thread(target=lambda: got.append(timing.load_or_measure_ceilings(path, "GPU X")))
+          for _ in range(3)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    assert len(calls) == 1 and len(got) == 3
+    assert all(g["matmul_bf16_tflops"] == 700.0 and g["version"] == timing.CEILINGS_VERSION for g in got)
+    assert timing.load_ceilings(path, "GPU X")["copy_gbps"] == 4000.0
+    assert timing.load_ceilings(path, "GPU Y") is None  # another device measures its own
+
+
+def test_ceilings_of_an_older_protocol_are_measured_again(tmp_path, monkeypatch):
+    import json
+
+    from torch_r1attn.verify import timing
+
+    path = tmp_path / "dev.json"
+    path.write_text(json.dumps({"version": 1, "device": "GPU X", "matmul_bf16_tflops": 269.0, "copy_gbps": 1.0}))
+    monkeypatch.setattr(timing, "measure_ceilings", lambda: {"matmul_bf16_tflops": 700.0, "copy_gbps": 4000.0})
+    assert timing.load_or_measure_ceilings(path, "GPU X")["matmul_bf16_tflops"] == 700.0
+    path.write_text("{not json")
+    assert timing.load_ceilings(path, "GPU X") is None

@@ -105,3 +105,25 @@ def test_flex_baseline_in_parent_for_unimportable_callable(pool):
     ms, note = _time_flex_in_parent(prep, pool.protocol, pool._device_lock)
     assert ms is not None and ms > 0, note
     assert "parent" in note
+
+
+def test_ceilings_are_measured_alone_while_workers_are_busy(cache_dir):
+    """Regression (H200, session 3): a worker that started while others checked and timed
+    measured the matmul ceiling at 269 instead of ~700 TFLOP/s, and every fast correct kernel
+    was rejected as "implausible". Workers now measure under the pool's exclusive lock."""
+    from torch_r1attn.spec import device_fingerprint, fingerprint_name
+    from torch_r1attn.verify import timing
+
+    path = timing.ceilings_path(fingerprint_name(device_fingerprint()))
+    assert not path.exists()
+    p = gpu_problem(V.causal(), B=2, H=16, S=2048)
+    cand = Candidate(src("good_attention.py", causal=True))
+    with VerifierPool(3, protocol=Protocol(max_edge_shapes=2), timeout_s=300) as pool:
+        rs = pool.verify_many([cand, cand, cand], p)  # workers start and run side by side
+        fresh = pool.verify(cand, p, fresh=True)  # the spare, started while the others ran
+    assert all(r.verdict == "pass" for r in rs), [r.feedback for r in rs]
+    assert fresh.verdict == "pass", fresh.feedback
+    stored = timing.load_ceilings(path, device_fingerprint()["device"])
+    solo = timing.measure_ceilings()
+    print(f"\nceilings: stored {stored['matmul_bf16_tflops']:.0f} TFLOP/s, solo {solo['matmul_bf16_tflops']:.0f}")
+    assert stored["matmul_bf16_tflops"] > 0.85 * solo["matmul_bf16_tflops"], (stored, solo)

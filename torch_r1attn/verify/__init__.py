@@ -189,7 +189,7 @@ class VerifierPool:
         n = next(self._ids)
         w = WorkerProcess(self._dir / f"worker-{n}.log", device, ceilings_path=self._ceilings_path(device))
         try:
-            w.wait_ready()
+            w.wait_ready(acquire=self._device_lock.acquire)
         except (WorkerDied, WorkerTimeout) as e:
             tail = w.log_tail()
             w.kill()
@@ -220,7 +220,7 @@ class VerifierPool:
             w = self._spare.pop(device, None)
         if w is not None:
             try:
-                w.wait_ready()
+                w.wait_ready(acquire=self._device_lock.acquire)
                 return w
             except (WorkerDied, WorkerTimeout) as e:
                 log.debug("spare verifier worker failed to start (%s); starting another", e)

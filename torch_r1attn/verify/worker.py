@@ -13,7 +13,8 @@ sends ``job <path>`` on the worker's stdin. The worker answers with JSON lines o
 pipe (the original stdout, which it duplicates and then points fd 1 at stderr, so a candidate's
 prints cannot forge a message):
 
-    {"ev": "ready"}                          once, after imports (and ceilings, on the GPU)
+    {"ev": "ready"}                          once, after imports (and ceilings, on the GPU: measuring
+                                             them, the worker first asks for the exclusive lock)
     {"ev": "phase", "phase": "..."}          progress, so a timeout can say where it hung
     {"ev": "lock", "mode": "shared"|"exclusive"}   asks for the device; parent answers "ok"
     {"ev": "done", "fatal": bool}            results are in the job directory
@@ -144,11 +145,33 @@ class WorkerProcess:
         except (BrokenPipeError, OSError) as e:
             raise WorkerDied(f"cannot talk to worker ({e}); {self._death()}") from None
 
-    def wait_ready(self, timeout_s: float = STARTUP_TIMEOUT_S) -> None:
+    def wait_ready(self, timeout_s: float = STARTUP_TIMEOUT_S,
+                   acquire: Callable[[str], Callable[[], None]] | None = None) -> None:
+        """Wait for the worker's ``ready``. A worker that must measure the device ceilings first
+        asks for the device (``lock``): ``acquire(mode)`` grants it (the pool's device lock, so
+        no other worker of the pool runs on the GPU while it measures), held until ``ready``;
+        time spent waiting for it does not count against ``timeout_s``."""
         deadline = time.monotonic() + timeout_s
-        msg = self._readline(deadline)
-        if msg.get("ev") != "ready":
-            raise WorkerDied(f"worker did not start: {msg}")
+        release: Callable[[], None] | None = None
+        try:
+            while True:
+                msg = self._readline(deadline)
+                if msg.get("ev") == "lock":
+                    if release is not None:
+                        release()
+                        release = None
+                    t0 = time.monotonic()
+                    if acquire is not None:
+                        release = acquire(str(msg.get("mode", "exclusive")))
+                    deadline += time.monotonic() - t0
+                    self._send("ok")
+                    continue
+                if msg.get("ev") != "ready":
+                    raise WorkerDied(f"worker did not start: {msg}")
+                break
+        finally:
+            if release is not None:
+                release()
         self.ready = True
         self.last_phase = "idle"
 
@@ -163,7 +186,7 @@ class WorkerProcess:
             WorkerDied: the worker died or closed its pipe (crash, ``os._exit``).
         """
         if not self.ready:
-            self.wait_ready()
+            self.wait_ready(acquire=acquire)
         self.jobs += 1
         self.last_phase = "submit"
         deadline = time.monotonic() + timeout_s
@@ -449,7 +472,13 @@ def main(argv: list[str]) -> int:
             from ..spec import device_fingerprint
             from . import timing
 
-            w.ceilings = timing.load_or_measure_ceilings(Path(argv[2]), device_fingerprint()["device"])
+            path, name = Path(argv[2]), device_fingerprint()["device"]
+            w.ceilings = timing.load_ceilings(path, name)
+            if w.ceilings is None:
+                # measured with the GPU to ourselves: other workers' checks and timings would
+                # make the ceilings look low, and correct fast kernels "implausible"
+                w.lock("exclusive")
+                w.ceilings = timing.load_or_measure_ceilings(path, name)
     w.send(ev="ready", pid=os.getpid())
     for line in sys.stdin:
         cmd, _, arg = line.strip().partition(" ")
