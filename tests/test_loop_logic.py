@@ -36,7 +36,10 @@ class FakePool:
     def verify_many(self, cands, problem):
         time.sleep(self.delay)
         self.verified += [c.config["name"] for c in cands]
-        return [self._result(c, ok=c.config.get("ok", True)) for c in cands]
+        out = [self._result(c, ok=c.config.get("ok", True)) for c in cands]
+        for c, r in zip(cands, out):
+            r.seconds = c.config.get("seconds", 0.0)
+        return out
 
     def reverify_fresh(self, c, problem):
         self.fresh.append(c.config["name"])
@@ -100,6 +103,24 @@ def test_winner_failing_fresh_reverification_is_not_stored(problem, cache_dir):
     res = run_search(problem, [Scripted([_cands(1.5, 1.3)])], settings=_s(rounds=1), pool=pool)
     assert res.winner is None and res.negative
     assert pool.fresh == ["c0", "c1"]  # the next best got its chance too
+
+
+def test_scaling_curve_follows_completion_order(problem, cache_dir):
+    """A wave's candidates end at different times: the curve has each at its own time, in the
+    order they ended, with the best speed-up so far; the history keeps proposal order."""
+    import json
+
+    pool = FakePool(workers=3)
+    cands = [{"name": "slow", "speedup": 1.5, "seconds": 9.0}, {"name": "fast", "speedup": 1.1, "seconds": 2.0},
+             {"name": "mid", "speedup": 1.2, "seconds": 5.0}]
+    res = run_search(problem, [Scripted([cands])], settings=_s(rounds=1), pool=pool)
+    curve = json.loads(res.report_path.read_text())["curve"]
+    assert [c["n"] for c in curve] == [1, 2, 3]
+    assert [c["t"] for c in curve] == sorted(c["t"] for c in curve)
+    assert 2.0 <= curve[0]["t"] < 5.0 <= curve[1]["t"] < 9.0 <= curve[2]["t"]
+    assert [c["best_speedup"] for c in curve] == pytest.approx([1.1, 1.2, 1.5])
+    assert [h.candidate.config["name"] for h in res.history] == ["slow", "fast", "mid"]
+    assert res.candidates_tried == 3
 
 
 def test_budget_is_checked_between_waves(problem, cache_dir):

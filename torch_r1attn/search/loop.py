@@ -140,17 +140,22 @@ def run_search(
                              w0, len(fresh), rnd)
                     break
                 wave = fresh[w0:w0 + width]
-                for c, r in zip(wave, pool.verify_many(wave, problem)):
+                t_wave = time.monotonic() - t0
+                results = pool.verify_many(wave, problem)
+                for c, r in zip(wave, results):  # history in proposal order
                     res.candidates_tried += 1
-                    fb = r.to_feedback(c)
-                    res.history.append(fb)
+                    res.history.append(r.to_feedback(c))
                     if r.ok:
                         ok_results.append((c, r))
-                        if r.speedup is not None and (best_speed is None or r.speedup > best_speed):
-                            best_speed = r.speedup
                         if res.best_baseline_ms is None and r.best_baseline_ms is not None:
                             res.best_baseline, res.best_baseline_ms = r.best_baseline, r.best_baseline_ms
-                    curve.append({"t": round(time.monotonic() - t0, 3), "n": res.candidates_tried,
+                # one worker per candidate of a wave: each ended at t_wave + its own seconds, so
+                # the scaling curve records candidates in the order, and at the time, they ended
+                for c, r in sorted(zip(wave, results), key=lambda cr: cr[1].seconds or 0.0):
+                    if r.ok and r.speedup is not None and (best_speed is None or r.speedup > best_speed):
+                        best_speed = r.speedup
+                    t_done = t_wave + (r.seconds or 0.0)
+                    curve.append({"t": round(t_done, 3), "n": len(curve) + 1,
                                   "best_speedup": best_speed, "verdict": r.verdict, "proposer": c.proposer})
                     if bar is not None:
                         bar.update(1)

@@ -167,8 +167,11 @@ class VerifierPool:
             self._closed = True
             idle, self._idle = self._idle, []
             spares, self._spare = list(self._spare.values()), {}
+        for w in idle:  # all at once: each takes a second or two to tear down its CUDA context
+            w.request_quit()
+        deadline = time.monotonic() + 5.0
         for w in idle:
-            w.close()
+            w.close(timeout_s=deadline - time.monotonic())
         for w in spares:
             w.kill()
         shutil.rmtree(self._dir, ignore_errors=True)

@@ -228,14 +228,21 @@ class WorkerProcess:
             log.warning("verifier worker %d did not die after SIGKILL", self.proc.pid)
         self._close_files()
 
-    def close(self) -> None:
-        """Ask the worker to quit; kill it if it does not within a few seconds."""
+    def request_quit(self) -> None:
+        """Ask the worker to quit without waiting (several then exit side by side)."""
         if self.proc.poll() is None:
             try:
                 self._send("quit")
-                self.proc.wait(timeout=5)
-            except (WorkerDied, subprocess.TimeoutExpired):
+            except WorkerDied:
                 pass
+
+    def close(self, timeout_s: float = 5.0) -> None:
+        """Ask the worker to quit; kill it if it has not within ``timeout_s``."""
+        self.request_quit()
+        try:
+            self.proc.wait(timeout=max(0.0, timeout_s))
+        except subprocess.TimeoutExpired:
+            pass
         self.kill()
 
     def _close_files(self) -> None:
