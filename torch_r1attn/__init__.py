@@ -16,7 +16,9 @@ from .functional import attention
 from .module import R1Attention
 from .variants import Variant
 
-__version__ = "0.1.0"
+# 0.1.1: negative cache entries decided by 0.1.0 are misses again (lookup compares versions): a
+# verifier measuring its speed ceilings under load could reject every fast kernel as implausible
+__version__ = "0.1.1"
 __all__ = ["attention", "R1Attention", "variants", "Variant", "__version__"]
 
 _logging.getLogger(__name__).addHandler(_logging.NullHandler())
