@@ -28,7 +28,8 @@ def two_entries(kc):
     s1, _, _, c1 = make_problem(torch.float16)
     s2, _, _, c2 = make_problem(torch.float32, Sq=40, Sk=40)
     store_kernel(kc, s1, c1, meta={"measurements": {"speedup": 1.25}})
-    kc.store_negative(s2, {"measurements": {"best_baseline": "sdpa"}})
+    kc.store_negative(s2, {"measurements": {"best_baseline": "sdpa"}, "best_speedup": 0.789,
+                           "reason": "best correct candidate 0.789x the best baseline (sdpa_cudnn), below the 1.03x bar"})
     return s1, s2
 
 
@@ -48,9 +49,12 @@ def test_ls_and_show(kc, capsys):
     assert cli(kc, "ls") == 0
     out = capsys.readouterr().out
     assert s1.uri in out and s2.uri in out and "1.25x" in out and "negative" in out
+    neg = next(line for line in out.splitlines() if s2.uri in line)
+    assert "(0.79x)" in neg and "below the 1.03x bar" in neg  # what the best correct candidate lost by
     assert cli(kc, "ls", "--json") == 0
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert {r["hash"] for r in rows} == {s1.hash, s2.hash}
+    assert next(r for r in rows if r["negative"])["best_speedup"] == pytest.approx(0.789)
     assert cli(kc, "show", s1.hash[:6]) == 0
     shown = json.loads(capsys.readouterr().out)
     assert shown["meta"]["spec"]["hash"] == s1.hash and shown["check_tensors"]["c0.q"]["dtype"] == "float16"

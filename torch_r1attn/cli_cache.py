@@ -92,20 +92,26 @@ def resolve_key(cache: KernelCache, key: str) -> str:
 
 
 def _ls(cache: KernelCache, args) -> int:
+    """One line per entry: a kernel's speed-up over the best baseline; for a negative entry the
+    best *correct* candidate's, in parentheses (what it lost by), and the search's reason."""
     entries = list(cache.entries())
     if args.json:
         for e in entries:
             print(json.dumps({"name": e.path.name, "hash": e.spec.hash, "uri": e.spec.uri,
                               "negative": e.negative, "language": e.language,
-                              "measurements": e.meta.get("measurements"), "created": e.meta.get("created")}))
+                              "measurements": e.meta.get("measurements"), "created": e.meta.get("created"),
+                              "reason": e.meta.get("reason"), "best_speedup": e.meta.get("best_speedup")}))
         return 0
     print(f"# {cache.shard}  ({len(entries)} entries)")
     for e in entries:
         m = e.meta.get("measurements") or {}
-        sp = m.get("speedup")
+        sp = e.meta.get("best_speedup") if e.negative else m.get("speedup")
         kind = "negative" if e.negative else e.language
-        sp_s = f"{sp:.2f}x" if isinstance(sp, (int, float)) else "-"
-        print(f"{e.spec.hash}  {kind:<8}  {sp_s:>7}  {e.spec.uri}")
+        sp_s = "-"
+        if isinstance(sp, (int, float)) and not isinstance(sp, bool):
+            sp_s = f"({sp:.2f}x)" if e.negative else f"{sp:.2f}x"
+        why = f"  {e.meta['reason']}" if e.negative and isinstance(e.meta.get("reason"), str) else ""
+        print(f"{e.spec.hash}  {kind:<8}  {sp_s:>7}  {e.spec.uri}{why}")
     return 0
 
 
