@@ -56,7 +56,9 @@ case "${step:-tests}" in
     # --gpus all and with --gpus 0, each into a fresh cache; the verdicts must agree
     python3 benchmarks/e2e_hf.py write-config --model-type llama --out /tmp/cfg_multi >/dev/null
     for g in ${legs:-all 0}; do
-      cache=/tmp/multi_cache_$g fresh_cache
+      rm -rf /tmp/multi_cache_$g; cache=/tmp/multi_cache_$g fresh_cache
+      # each leg compiles from scratch: a Triton cache warmed by the other leg would favour this one
+      export TRITON_CACHE_DIR=$(mktemp -d)
       start=$(date +%s)
       timeout ${t_leg:-400} python3 -m torch_r1attn.cli prewarm --config /tmp/cfg_multi/config.json \
         --seq-lens 240,512,1024,2048 --batch-sizes 2 --budget ${budget:-10} --gpus $g 2>&1 \
