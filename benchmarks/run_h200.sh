@@ -65,5 +65,6 @@ case "${step:-tests}" in
         | tee "$OUT/multi_gpus_$g.log" | grep -E "signature|job|^gpu|total" || true
       echo "gpus=$g wall_s=$(( $(date +%s) - start ))" | tee -a "$OUT/multi.txt"
       python3 -m torch_r1attn.cli cache ls > "$OUT/verdicts_gpus_$g.txt" 2>&1 || true
+      save_reports; mv "$OUT/search_reports.tgz" "$OUT/reports_gpus_$g.tgz" || true
     done ;;
 esac

@@ -105,6 +105,23 @@ def test_winner_failing_fresh_reverification_is_not_stored(problem, cache_dir):
     assert pool.fresh == ["c0", "c1"]  # the next best got its chance too
 
 
+def test_results_without_baselines_are_decided_by_the_fresh_reverification(problem, cache_dir):
+    """The job that was to time the baselines failed, so its wave's correct results have a time but
+    no speed-up: that is no verdict on speed. The fresh re-verification times them and decides."""
+
+    class NoBaselines(FakePool):
+        def verify_many(self, cands, problem):
+            out = super().verify_many(cands, problem)
+            for r in out:
+                r.speedup = r.best_baseline = r.best_baseline_ms = None
+            return out
+
+    pool = NoBaselines()
+    res = run_search(problem, [Scripted([_cands(1.1, 1.4)])], settings=_s(rounds=1), pool=pool)
+    assert pool.fresh == ["c1"]  # the fastest by time
+    assert res.winner is not None and res.speedup == pytest.approx(1.4)
+
+
 def test_scaling_curve_follows_completion_order(problem, cache_dir):
     """A wave's candidates end at different times: the curve has each at its own time, in the
     order they ended, with the best speed-up so far; the history keeps proposal order."""

@@ -69,6 +69,22 @@ def test_good_kernel_passes(pool, causal_problem):
     names = {c.name for c in r.checks}
     assert {"values", "written", "inputs_unchanged", "deterministic", "consecutive_calls", "stream_order"} <= names
     assert all(c.passed for c in r.checks)
+    # where the time went: every phase the job went through, each a share of the wall time
+    assert {"worker", "inputs", "import", "first_call", "trials", "write", "judge"} <= set(r.phases), r.phases
+    assert all(v >= 0 for v in r.phases.values())
+    assert sum(r.phases.values()) <= r.seconds + 0.05
+    assert r.to_dict()["phases"] == r.phases
+
+
+def test_phase_buckets():
+    from torch_r1attn.verify.worker import _phase_bucket
+
+    assert _phase_bucket("trial 0 (normal#0 1x4x33x33) call 1") == "first_call"
+    assert _phase_bucket("trial 0 (normal#0 1x4x33x33) call 2") == "trials"
+    assert _phase_bucket("trial 3 (edge spikes 1x4x1x7) call 1") == "trials"
+    assert _phase_bucket("submit") == "inputs" and _phase_bucket("load") == "import"
+    assert _phase_bucket("timing") == "timing" and _phase_bucket("recheck after timing") == "recheck"
+    assert _phase_bucket("write outputs") == "write" and _phase_bucket("something new") == "other"
 
 
 @pytest.mark.parametrize("dtype, gqa, d, dv, sq, sk", [
@@ -432,3 +448,26 @@ def test_ceilings_of_an_older_protocol_are_measured_again(tmp_path, monkeypatch)
     assert timing.load_or_measure_ceilings(path, "GPU X")["matmul_bf16_tflops"] == 700.0
     path.write_text("{not json")
     assert timing.load_ceilings(path, "GPU X") is None
+
+
+def test_one_job_at_a_time_times_the_baselines(pool):
+    """While a job times the baselines no other job is asked to; when it ends without them the
+    next one is; results that lacked them get them, with their speed-up, once they are known."""
+    prob = make_problem(sq=33, sk=33)
+    prep = pool._prepare(prob)
+    assert pool._claim_baselines(prep, 1)
+    assert not pool._claim_baselines(prep, 2)  # job 1 is on it
+    prep.baselines_job = None  # job 1 ended without baselines (its candidate failed)
+    assert pool._claim_baselines(prep, 3)
+    waiting = VerifyResult(ok=True, compiled=True, verdict="pass", reason="correct on every trial",
+                           timing_meaningful=True, time_ms=2.0)
+    assert pool.fill_baselines([waiting], prob) == 0  # nothing known yet: left as it is
+    assert waiting.speedup is None
+    owner = VerifyResult(ok=True, compiled=True, verdict="pass", reason="")
+    pool._apply_timing(owner, prep, {"time_ms": 1.0, "baselines_ms": {"sdpa_flash": 3.0, "flex": 4.0}})
+    prep.baselines_job = None
+    assert not pool._claim_baselines(prep, 4)  # known now: nobody times them again
+    assert pool.fill_baselines([waiting, owner], prob) == 1
+    assert waiting.baselines_ms == {"sdpa_flash": 3.0, "flex": 4.0} and waiting.best_baseline == "sdpa_flash"
+    assert waiting.speedup == pytest.approx(1.5) and "1.500x" in waiting.reason
+    assert any("another job" in n for n in waiting.notes) and "1.5" in waiting.feedback

@@ -127,3 +127,21 @@ def test_ceilings_are_measured_alone_while_workers_are_busy(cache_dir):
     solo = timing.measure_ceilings()
     print(f"\nceilings: stored {stored['matmul_bf16_tflops']:.0f} TFLOP/s, solo {solo['matmul_bf16_tflops']:.0f}")
     assert stored["matmul_bf16_tflops"] > 0.85 * solo["matmul_bf16_tflops"], (stored, solo)
+
+
+def test_one_job_of_a_wave_times_the_baselines():
+    """A fresh pool's first wave: one job times (and compiles Flex for) the baselines while the
+    others go on; every result of the wave still carries them and its speed-up."""
+    p = gpu_problem(V.full(), S=1024)
+    cands = [Candidate(src("good_attention.py") + f"\n# copy {i}\n") for i in range(3)]
+    with VerifierPool(3, protocol=Protocol(max_edge_shapes=2), timeout_s=300) as pool3:
+        rs = pool3.verify_many(cands, p)
+    for r in rs:
+        print(f"\n{r.seconds:.1f}s phases: {r.phases}")
+    assert all(r.verdict == "pass" for r in rs), [r.feedback for r in rs]
+    filled = [r for r in rs if any("another job" in n or "timed earlier" in n for n in r.notes)]
+    assert len(filled) == len(rs) - 1, [r.notes for r in rs]
+    base = rs[0].baselines_ms
+    assert {"sdpa_cudnn", "sdpa_flash", "flex"} & set(base), base
+    assert all(r.baselines_ms == base for r in rs)
+    assert all(r.speedup == pytest.approx(r.best_baseline_ms / r.time_ms) for r in rs)

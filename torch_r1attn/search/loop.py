@@ -100,6 +100,7 @@ def run_search(
     seen: set[str] = set()
     ok_results: list[tuple[Candidate, Any]] = []
     curve: list[dict[str, Any]] = []
+    waves: list[dict[str, Any]] = []  # when each wave started and ended, for the report
     best_speed = None
     own_pool = pool is None
     pool = pool or VerifierPool(s.workers)
@@ -142,6 +143,10 @@ def run_search(
                 wave = fresh[w0:w0 + width]
                 t_wave = time.monotonic() - t0
                 results = pool.verify_many(wave, problem)
+                waves.append({"round": rnd, "t_start": round(t_wave, 3),
+                              "t_end": round(time.monotonic() - t0, 3), "candidates": len(wave)})
+                log.info("%s: wave of %d in %.1f s (%s)", problem.spec.uri, len(wave),
+                         waves[-1]["t_end"] - t_wave, _phase_summary(results))
                 for c, r in zip(wave, results):  # history in proposal order
                     res.candidates_tried += 1
                     res.history.append(r.to_feedback(c))
@@ -156,7 +161,9 @@ def run_search(
                         best_speed = r.speedup
                     t_done = t_wave + (r.seconds or 0.0)
                     curve.append({"t": round(t_done, 3), "n": len(curve) + 1,
-                                  "best_speedup": best_speed, "verdict": r.verdict, "proposer": c.proposer})
+                                  "best_speedup": best_speed, "verdict": r.verdict, "proposer": c.proposer,
+                                  "seconds": round(r.seconds or 0.0, 3),
+                                  "phases": {k: round(v, 3) for k, v in (r.phases or {}).items()}})
                     if bar is not None:
                         bar.update(1)
                         bar.set_postfix(best=f"{best_speed:.2f}x" if best_speed else "-")
@@ -164,7 +171,11 @@ def run_search(
                      problem.spec.uri, rnd, len(fresh), len(ok_results),
                      f"{best_speed:.3f}" if best_speed else "n/a")
         res.seconds = time.monotonic() - t0
+        t_sel = time.monotonic()
+        if hasattr(pool, "fill_baselines"):  # a wave whose baseline job failed: later waves timed them
+            pool.fill_baselines([r for _, r in ok_results], problem)
         _select_and_store(problem, ok_results, res, s, cache, pool)
+        waves.append({"select_and_store_s": round(time.monotonic() - t_sel, 3)})
     finally:
         if bar is not None:
             bar.close()
@@ -172,7 +183,7 @@ def run_search(
             pool.close()
     res.seconds = time.monotonic() - t0
     try:
-        res.report_path = _write_report(problem, res, curve, cache)
+        res.report_path = _write_report(problem, res, curve, cache, waves)
         log.info("%s: search report at %s", problem.spec.uri, res.report_path)
     except OSError as e:
         log.warning("%s: could not write the search report: %s", problem.spec.uri, e)
@@ -192,11 +203,15 @@ def _select_and_store(problem, ok_results, res: SearchResult, s: Settings, cache
 
     need = 1.0 + s.win_margin
     for cand, r in _ranked(ok_results)[:3]:
-        if r.timing_meaningful and (r.speedup is None or r.speedup < need):
+        # no speed-up because no baseline was timed yet: the fresh re-verification times them
+        untimed = r.speedup is None and not r.baselines_ms
+        if r.timing_meaningful and not untimed and (r.speedup is None or r.speedup < need):
             res.reason = (f"best correct candidate {r.speedup and round(r.speedup, 3)}x the best baseline "
                           f"({r.best_baseline}), below the {need:.2f}x bar")
             break
         fresh = pool.reverify_fresh(cand, problem)
+        log.info("%s: fresh re-verification in %.1f s (%s)", problem.spec.uri, fresh.seconds or 0.0,
+                 _phase_summary([fresh]))
         if not fresh.ok:
             log.warning("%s: winner failed re-verification in a fresh worker (%s); trying the next",
                         problem.spec.uri, fresh.reason)
@@ -258,7 +273,19 @@ def check_set(problem: Problem, seed: int = 1234, cases: int = 2) -> dict[str, t
     return out
 
 
-def _write_report(problem: Problem, res: SearchResult, curve: list[dict[str, Any]], cache) -> Path:
+def _phase_summary(results) -> str:
+    """'first_call 4.1, timing 2.0, ...': the largest per-candidate phase times of a wave (max over
+    its candidates), so a log line says what a wave waited on."""
+    worst: dict[str, float] = {}
+    for r in results:
+        for k, v in (getattr(r, "phases", None) or {}).items():
+            worst[k] = max(worst.get(k, 0.0), v)
+    top = sorted(worst.items(), key=lambda kv: -kv[1])[:5]
+    return "max per candidate: " + ", ".join(f"{k} {v:.1f}" for k, v in top) if top else "no phase times"
+
+
+def _write_report(problem: Problem, res: SearchResult, curve: list[dict[str, Any]], cache,
+                  waves: list[dict[str, Any]] | None = None) -> Path:
     base = Path(cache.reports_dir(problem.spec)) if hasattr(cache, "reports_dir") else Path(".")
     base.mkdir(parents=True, exist_ok=True, mode=0o700)
     report = {
@@ -267,6 +294,7 @@ def _write_report(problem: Problem, res: SearchResult, curve: list[dict[str, Any
         "shape": list(problem.shape),
         "device": problem.device,
         "curve": curve,
+        "waves": waves or [],
         "candidates": [
             {"hash": fb.candidate.hash, "proposer": fb.candidate.proposer, "config": fb.candidate.config,
              "ok": fb.ok, "time_ms": fb.time_ms, "speedup": fb.speedup,

@@ -43,7 +43,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 
@@ -117,6 +117,10 @@ class _Prepared:
     # (other workers, the fresh re-verification) reuse them instead of timing SDPA and compiling
     # Flex again (~10-20 s per worker on the H200). Same GPU, same seeded input sets, same protocol.
     baselines_ms: dict[str, float] | None = None
+    # The job that times them now. One at a time: in a search's first wave every worker used to
+    # time (and compile Flex for) the same baselines; the others' results get them afterwards
+    # (VerifierPool.fill_baselines).
+    baselines_job: int | None = None
 
 
 class VerifierPool:
@@ -313,16 +317,19 @@ class VerifierPool:
                                  reason=f"static check: {reasons[0]}", checks=[chk], win_margin=margin)
                 return self._finalize(r, t0)
         prep = self._prepare(problem)
-        job = self._dir / f"job-{next(self._ids)}"
+        job_id = next(self._ids)
+        job = self._dir / f"job-{job_id}"
         job.mkdir()
         src = job / ("candidate.cu" if candidate.language == "cuda" else "candidate.py")
         src.write_text(candidate.source)
         (job / "job.json").write_text(json.dumps({
             "problem_dir": str(prep.dir), "candidate": str(src), "language": candidate.language,
             "name_hint": f"cand_{candidate.hash}", "timing": meaningful, "recheck": self.protocol.recheck_after_timing,
-            "baselines": baselines and prep.baselines_ms is None,
+            "baselines": baselines and meaningful and self._claim_baselines(prep, job_id),
         }))
+        t_take = time.monotonic()
         w = self._take_fresh(device) if fresh else self._take(device)
+        phases = {"worker": time.monotonic() - t_take}
         since = w.log_offset()
         try:
             w.run_job(job, self.timeout_s, self._device_lock.acquire)
@@ -340,12 +347,49 @@ class VerifierPool:
                              log_tail=w.log_tail(since))
             return self._finalize(r, t0, job)
         finally:
+            with self._lock:
+                if prep.baselines_job == job_id:
+                    prep.baselines_job = None  # timed or not: the next job may take it on
+            phases.update(w.last_phases)
             if fresh:
                 w.close()
             else:
                 self._give_back(w)  # a dead or faulted worker is closed there, not reused
+        t_judge = time.monotonic()
         r = self._judge(prep, job, w.log_tail(since), meaningful, margin)
+        phases["judge"] = time.monotonic() - t_judge
+        r.phases = phases
         return self._finalize(r, t0, job)
+
+    def _claim_baselines(self, prep: _Prepared, job_id: int) -> bool:
+        """True when job ``job_id`` is to time the baselines: none are known and no other job is
+        timing them."""
+        with self._lock:
+            if prep.baselines_ms is not None or prep.baselines_job is not None:
+                return False
+            prep.baselines_job = job_id
+            return True
+
+    def fill_baselines(self, results: Sequence[VerifyResult], problem: Problem) -> int:
+        """Give timed results that lack baselines (another job of their wave was timing them) the
+        baselines this pool has for ``problem`` since, with their speed-up. Returns how many."""
+        with self._lock:
+            p = self._prepared.get(id(problem))
+            base = dict(p.baselines_ms) if p is not None and p.problem is problem and p.baselines_ms else None
+        if base is None:
+            return 0
+        n = 0
+        for r in results:
+            if r.timing_meaningful and r.time_ms and not r.baselines_ms:
+                r.baselines_ms = dict(base)
+                r.best_baseline, r.best_baseline_ms = min(base.items(), key=lambda kv: kv[1])
+                r.speedup = r.best_baseline_ms / r.time_ms
+                r.notes.append("baselines: timed by another job of this search (same GPU, inputs and protocol)")
+                if r.ok:
+                    r.reason = f"correct on every trial; {r.speedup:.3f}x the best baseline ({r.best_baseline})"
+                r.feedback = make_feedback(r)
+                n += 1
+        return n
 
     def verify_many(self, candidates: list[Candidate], problem: Problem, *, timing: bool = True,
                     static: bool = True) -> list[VerifyResult]:
@@ -354,7 +398,10 @@ class VerifierPool:
         results: list[VerifyResult | None] = [None] * len(cands)
         if not cands:
             return []
+        t_prep = time.monotonic()
         self._prepare(problem)  # once, before the threads race for it
+        if time.monotonic() - t_prep > 0.5:
+            log.info("verify: problem prepared (inputs + float64 references) in %.1fs", time.monotonic() - t_prep)
         self._start_spare(str(problem.device))  # for the winner's fresh re-verification
         it = iter(range(len(cands)))
         it_lock = threading.Lock()
@@ -379,7 +426,9 @@ class VerifierPool:
             t.join()
         if errors:
             raise errors[0]
-        return [r for r in results if r is not None]
+        out = [r for r in results if r is not None]
+        self.fill_baselines(out, problem)
+        return out
 
     def reverify_fresh(self, candidate: Candidate, problem: Problem, *, timing: bool = True) -> VerifyResult:
         """Verify ``candidate`` alone in a brand-new worker (the winner's final check)."""

@@ -56,6 +56,9 @@ class VerifyResult:
     seconds: float = 0.0  # wall time the verification took
     effective_tflops: float | None = None
     feedback: str = ""
+    # seconds per phase (worker = taking/starting a worker, inputs, import, first_call = compile +
+    # first run, trials, lock_wait, timing, recheck, write, judge): where the time went
+    phases: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.verdict not in VERDICTS:

@@ -98,12 +98,14 @@ def make_timing_sets(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, n_sets: 
     return sets
 
 
-def time_baselines(sets: list[tuple], variant, scale: float, bench_kw: dict, *, flex: bool = True,
-                   sdpa: bool = True) -> tuple[dict[str, float], list[str]]:
-    """Time every SDPA backend that accepts the call, and compiled FlexAttention.
+def baseline_runners(sets: list[tuple], variant, scale: float, *, flex: bool = True,
+                     sdpa: bool = True) -> tuple[dict[str, Callable[..., object]], list[str]]:
+    """Every baseline that accepts the call, each already run once on ``sets[0]`` (so compiled:
+    FlexAttention's first call compiles it for this shape, several seconds of CPU work).
 
-    Returns ``({name: median_ms}, notes)``; a backend that refuses the call is left out with a
-    note saying why.
+    Split from the timing so that a worker compiles while other workers may use the GPU and
+    takes the exclusive device lock only to time. Returns ``({name: fn(q, k, v, out)}, notes)``;
+    a backend that refuses the call is left out with a note saying why.
     """
     import torch.nn.functional as F
     from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -114,7 +116,7 @@ def time_baselines(sets: list[tuple], variant, scale: float, bench_kw: dict, *, 
     B, Hq, Sq, _ = q.shape
     Sk = k.shape[2]
     gqa = Hq != k.shape[1]
-    out: dict[str, float] = {}
+    runners: dict[str, Callable[..., object]] = {}
     notes: list[str] = []
     if sdpa and fallback.sdpa_expressible(variant):
         mask, is_causal = fallback.sdpa_inputs(variant, B, Hq, Sq, Sk, q.dtype, q.device)
@@ -134,7 +136,7 @@ def time_baselines(sets: list[tuple], variant, scale: float, bench_kw: dict, *, 
             except RuntimeError as e:  # "No available kernel": this backend does not take the call
                 notes.append(f"sdpa_{name} does not accept this call ({str(e).splitlines()[0][:120]})")
                 continue
-            out[f"sdpa_{name}"] = bench(run, sets, **bench_kw)["median_ms"]
+            runners[f"sdpa_{name}"] = run
     elif sdpa:
         notes.append("SDPA cannot express this variant (non-additive score part)")
     if flex:
@@ -147,8 +149,24 @@ def time_baselines(sets: list[tuple], variant, scale: float, bench_kw: dict, *, 
         except Exception as e:  # noqa: BLE001 - a baseline that cannot run is reported, not fatal
             notes.append(f"flex failed: {type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}")
         else:
-            out["flex"] = bench(run_flex, sets, **bench_kw)["median_ms"]
-    return out, notes
+            runners["flex"] = run_flex
+    return runners, notes
+
+
+def time_runners(runners: dict[str, Callable[..., object]], sets: list[tuple], bench_kw: dict) -> dict[str, float]:
+    """``{name: median_ms}`` of :func:`baseline_runners`' output (the caller holds the device)."""
+    return {name: bench(fn, sets, **bench_kw)["median_ms"] for name, fn in runners.items()}
+
+
+def time_baselines(sets: list[tuple], variant, scale: float, bench_kw: dict, *, flex: bool = True,
+                   sdpa: bool = True) -> tuple[dict[str, float], list[str]]:
+    """Time every SDPA backend that accepts the call, and compiled FlexAttention.
+
+    Returns ``({name: median_ms}, notes)``; a backend that refuses the call is left out with a
+    note saying why.
+    """
+    runners, notes = baseline_runners(sets, variant, scale, flex=flex, sdpa=sdpa)
+    return time_runners(runners, sets, bench_kw), notes
 
 
 # ----------------------------------------------------------------------------------- ceilings

@@ -56,6 +56,15 @@ def _package_root() -> str:
     return str(Path(__file__).resolve().parents[2])
 
 
+def _phase_bucket(phase: str) -> str:
+    """The report's name for a worker phase ("trial 2 (edge ...) call 1" -> "trials"; the first
+    call of the first trial is "first_call": a Triton kernel compiles there)."""
+    if phase.startswith("trial"):
+        return "first_call" if phase.startswith("trial 0 ") and phase.endswith(" call 1") else "trials"
+    return {"submit": "inputs", "load": "import", "timing setup": "timing_setup", "timing": "timing", "recheck after timing": "recheck",
+            "write outputs": "write"}.get(phase, "other")
+
+
 class WorkerProcess:
     """The parent's handle on one worker subprocess."""
 
@@ -83,6 +92,11 @@ class WorkerProcess:
         self.faulted = False
         self.jobs = 0
         self.last_phase = "startup"
+        # seconds per phase of the last job (compile, trials, timing, recheck, write, lock_wait):
+        # where a verification spends its time, for the search report and the logs
+        self.last_phases: dict[str, float] = {}
+        self.started_at = time.monotonic()
+        self.ready_s: float | None = None  # seconds from spawn to ready (the startup's cost)
 
     @property
     def alive(self) -> bool:
@@ -173,6 +187,7 @@ class WorkerProcess:
             if release is not None:
                 release()
         self.ready = True
+        self.ready_s = time.monotonic() - self.started_at
         self.last_phase = "idle"
 
     def run_job(self, job_dir: Path, timeout_s: float, acquire: Callable[[str], Callable[[], None]]) -> dict:
@@ -191,22 +206,37 @@ class WorkerProcess:
         self.last_phase = "submit"
         deadline = time.monotonic() + timeout_s
         release: Callable[[], None] | None = None
+        phases: dict[str, float] = {}
+        self.last_phases = phases
+        mark = time.monotonic()
+
+        def charge(now: float) -> None:
+            nonlocal mark
+            b = _phase_bucket(self.last_phase)
+            phases[b] = phases.get(b, 0.0) + (now - mark)
+            mark = now
+
         self._send(f"job {job_dir}")
         try:
             while True:
                 msg = self._readline(deadline)
                 ev = msg.get("ev")
                 if ev == "phase":
+                    charge(time.monotonic())
                     self.last_phase = str(msg.get("phase"))[:200]
                 elif ev == "lock":
                     if release is not None:
                         release()
                         release = None
                     t0 = time.monotonic()
+                    charge(t0)
                     release = acquire(str(msg.get("mode", "shared")))
-                    deadline += time.monotonic() - t0
+                    mark = time.monotonic()
+                    phases["lock_wait"] = phases.get("lock_wait", 0.0) + (mark - t0)
+                    deadline += mark - t0
                     self._send("ok")
                 elif ev == "done":
+                    charge(time.monotonic())
                     if msg.get("fatal"):
                         self.faulted = True
                     self.last_phase = "idle"
@@ -350,10 +380,15 @@ class _Worker:
                 if job.get("timing") and self.cuda:
                     report["stage"] = "timing"
                     report["recheck_expected"] = bool(job.get("recheck", True))
-                    self.lock("exclusive")
-                    self.phase("timing")
                     try:
-                        report["timing"] = self._time(kern, pmeta, job)
+                        # inputs, rotation copies and the baselines' first calls (FlexAttention
+                        # compiles there) under the shared lock: other workers' trials go on;
+                        # the exclusive lock only for the timed loops
+                        self.phase("timing setup")
+                        ctx = self._timing_setup(kern, pmeta, job)
+                        self.lock("exclusive")
+                        self.phase("timing")
+                        report["timing"] = self._time(ctx)
                     except BaseException as e:  # noqa: BLE001
                         report.update(error=_excerpt(e), error_type=type(e).__name__, error_trial="timing")
                         fatal = _is_fatal(e)
@@ -381,13 +416,16 @@ class _Worker:
 
     def _finish(self, job_dir: Path, report: dict, outs: dict, save_file, fatal: bool = False) -> bool:
         report["fatal"] = fatal
+        self.phase("write outputs")
         if outs and not fatal:
             cpu = {n: t.detach().to("cpu").contiguous() for n, t in outs.items()}
             save_file(cpu, str(job_dir / "out.safetensors"))
         (job_dir / "result.json").write_text(json.dumps(report))
         return fatal
 
-    def _time(self, kern, pmeta: dict, job: dict) -> dict:
+    def _timing_setup(self, kern, pmeta: dict, job: dict) -> dict:
+        """Everything timing needs that may share the GPU: the timing inputs and their rotation
+        copies and, when this job times the baselines, each baseline run once (compiled)."""
         from ..problem import Problem, variant_from_recipe, variant_has_opaque
         from ..spec import AttentionSpec
         from . import timing
@@ -406,27 +444,44 @@ class _Worker:
         q, k, v = (x.to(self.device) for x in random_qkv(shape, spec.torch_dtype, "normal", int(pmeta["timing_seed"]),
                                                           spec.head_dim_v, spec.head_dim))
         scale = float(pmeta["scale"])
-        bk = pmeta["bench"]
+        ctx: dict[str, Any] = {"bench": pmeta["bench"], "pdir": str(pdir), "kern": kern}
+        why = kern.unsupported(q, k, v)
+        if why is not None:
+            ctx["unsupported"] = f"timing shape {shape}: SUPPORTS excludes it ({why})"
+            return ctx
         set_bytes = sum(x.numel() * x.element_size() for x in (q, k, v)) + q.numel() // q.shape[-1] * v.shape[-1] * q.element_size()
         sets = timing.make_timing_sets(q, k, v, timing.rotation_count(set_bytes, int(pmeta["rotate_bytes"])))
 
         def cand(qq, kk, vv, oo):
             kern(qq, kk, vv, oo, scale, **vt)
 
-        why = kern.unsupported(q, k, v)
-        if why is not None:
-            return {"unsupported": f"timing shape {shape}: SUPPORTS excludes it ({why})"}
-        res = timing.bench(cand, sets, **bk)
+        ctx.update(sets=sets, cand=cand)
+        if job.get("baselines", True):
+            flex_here = not variant_has_opaque(tv)
+            ctx["flex_in_parent"] = not flex_here
+            if str(pdir) not in self.baseline_cache:
+                ctx["runners"], ctx["base_notes"] = timing.baseline_runners(sets, tv, scale, flex=flex_here)
+        self.sync()
+        return ctx
+
+    def _time(self, ctx: dict) -> dict:
+        """The timed loops: the candidate, then (when asked) the baselines. Holds the device."""
+        from . import timing
+
+        if "unsupported" in ctx:
+            return {"unsupported": ctx["unsupported"]}
+        sets, bk = ctx["sets"], ctx["bench"]
+        res = timing.bench(ctx["cand"], sets, **bk)
         self.sync()
         report = {"time_ms": res["median_ms"], "p20_ms": res["p20_ms"], "p80_ms": res["p80_ms"],
                   "reps": res["reps"], "n_sets": len(sets)}
-        if job.get("baselines", True):
-            flex_here = not variant_has_opaque(tv)
-            cached = self.baseline_cache.get(str(pdir))
+        if "flex_in_parent" in ctx:
+            cached = self.baseline_cache.get(ctx["pdir"])
             if cached is None:
-                cached = self.baseline_cache[str(pdir)] = timing.time_baselines(sets, tv, scale, bk, flex=flex_here)
+                cached = self.baseline_cache[ctx["pdir"]] = (timing.time_runners(ctx["runners"], sets, bk),
+                                                              list(ctx["base_notes"]))
             base, notes = cached[0], list(cached[1])
-            if not flex_here:
+            if ctx["flex_in_parent"]:
                 notes.append("flex: the variant's callable is not importable in the worker")
                 report["flex_in_parent"] = True
             report["baselines_ms"] = base
