@@ -145,3 +145,30 @@ def test_one_job_of_a_wave_times_the_baselines():
     assert {"sdpa_cudnn", "sdpa_flash", "flex"} & set(base), base
     assert all(r.baselines_ms == base for r in rs)
     assert all(r.speedup == pytest.approx(r.best_baseline_ms / r.time_ms) for r in rs)
+
+
+def test_bench_times_the_kernel_not_the_host_launch():
+    """A call whose host side is slow (here 300 us of busy host work before a ~10 us kernel, as a
+    Python launch on a loaded host) must time as the kernel: the GPU is held while reps queue."""
+    import time
+
+    from torch_r1attn.verify.timing import bench
+
+    a = torch.randn(512, 512, device="cuda", dtype=torch.bfloat16)
+    c = torch.empty_like(a)
+    sets = [(a, a, c, None)]
+
+    def fast(x, y, out, _):
+        torch.mm(x, y, out=out)
+
+    def slow_host(x, y, out, _):
+        t = time.perf_counter()
+        while time.perf_counter() - t < 3e-4:
+            pass
+        torch.mm(x, y, out=out)
+
+    t_fast = bench(fast, sets)["median_ms"]
+    t_slow = bench(slow_host, sets)["median_ms"]
+    print(f"\nkernel alone {t_fast * 1e3:.1f} us, behind 300 us of host work {t_slow * 1e3:.1f} us")
+    assert t_fast < 0.1
+    assert t_slow < 1.3 * t_fast + 0.005, (t_fast, t_slow)

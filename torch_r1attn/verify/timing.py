@@ -28,6 +28,7 @@ import math
 import os
 import statistics
 import tempfile
+import time
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -66,19 +67,52 @@ def bench(fn: Callable[..., object], arg_sets: Sequence[tuple], *, warmup_ms: fl
     est = max(s.elapsed_time(e) / 5, 1e-3)
     n_warm = max(1, int(warmup_ms / est))
     n_rep = max(min_reps, min(max_reps, int(rep_ms / est)))
+    t_host = time.perf_counter()
     for i in range(n_warm):
         fn(*arg_sets[i % n_sets])
+    host_ms = (time.perf_counter() - t_host) * 1e3 / n_warm  # the host's cost of one launch
+    torch.cuda.synchronize()
     starts = [torch.cuda.Event(enable_timing=True) for _ in range(n_rep)]
     ends = [torch.cuda.Event(enable_timing=True) for _ in range(n_rep)]
-    for i in range(n_rep):
-        flush.zero_()
-        starts[i].record()
-        fn(*arg_sets[i % n_sets])
-        ends[i].record()
+    # The GPU is held (a spin kernel) while the host queues a chunk of reps, so each timed call is
+    # already queued when the flush before it ends: the events time the kernel, not the host's
+    # launch latency. Without this a 30 us kernel measured 58-166 us on a loaded host (H200,
+    # session 4: Triton's Python launch is 30-50 us and varies with the other workers' compiles).
+    for c0 in range(0, n_rep, HOLD_CHUNK):
+        c1 = min(n_rep, c0 + HOLD_CHUNK)
+        hold_gpu_ms(2.0 * (c1 - c0) * (host_ms + 0.02) + 0.5)
+        for i in range(c0, c1):
+            flush.zero_()
+            starts[i].record()
+            fn(*arg_sets[i % n_sets])
+            ends[i].record()
     torch.cuda.synchronize()
     times = sorted(a.elapsed_time(b) for a, b in zip(starts, ends))
     q = statistics.quantiles(times, n=5) if len(times) >= 5 else [times[0]] * 4
     return {"median_ms": statistics.median(times), "p20_ms": q[0], "p80_ms": q[-1], "reps": float(n_rep)}
+
+
+HOLD_CHUNK = 32  # timed reps queued behind one hold (each is a flush, two events and the call)
+_cycles_per_ms: dict[int, float] = {}
+
+
+def hold_gpu_ms(ms: float) -> None:
+    """Queue a kernel that keeps the current CUDA stream busy for about ``ms`` milliseconds (no
+    host wait): work queued after it starts back to back once it ends. Capped at 200 ms."""
+    sleep = getattr(torch.cuda, "_sleep", None)
+    if sleep is None or ms <= 0:
+        return
+    dev = torch.cuda.current_device()
+    rate = _cycles_per_ms.get(dev)
+    if rate is None:  # calibrate once per device: spin cycles per millisecond
+        torch.cuda.synchronize()
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        sleep(2_000_000)
+        e.record()
+        torch.cuda.synchronize()
+        rate = _cycles_per_ms[dev] = 2_000_000 / max(s.elapsed_time(e), 1e-3)
+    sleep(int(min(ms, 200.0) * rate))
 
 
 def rotation_count(set_bytes: int, rotate_bytes: int, max_sets: int = 8) -> int:
