@@ -106,6 +106,19 @@ def test_negative_entry_from_another_version_is_a_miss(kc, monkeypatch, caplog):
     assert (kc.shard / spec.dirname).is_dir()  # stale, not damaged: kept until replaced
 
 
+def test_entry_timed_under_another_protocol_is_a_miss(kc, monkeypatch, caplog):
+    """Kernels too: a speed-up measured by an older timing protocol is not a verdict any more."""
+    spec, _, _, checks = make_problem()
+    store_kernel(kc, spec, checks)
+    assert kc.lookup(spec) is not None and kc.lookup(spec).meta["timing_protocol"] == cache_mod.TIMING_PROTOCOL
+    monkeypatch.setattr(cache_mod, "TIMING_PROTOCOL", cache_mod.TIMING_PROTOCOL + 1)
+    caplog.set_level(logging.INFO, logger="torch_r1attn")
+    assert KernelCache(kc.root).lookup(spec) is None
+    assert "timing protocol" in caplog.text
+    store_kernel(kc, spec, checks)  # searched again: the new entry replaces it and is a hit
+    assert KernelCache(kc.root).lookup(spec) is not None
+
+
 def test_replacing_an_entry_without_exchange_support(kc, monkeypatch):
     spec, _, _, checks = make_problem()
     store_kernel(kc, spec, checks)

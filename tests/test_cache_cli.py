@@ -37,6 +37,18 @@ def names(kc):
     return kc.entry_names() if kc.shard.exists() else []
 
 
+def test_ls_marks_entries_of_another_timing_protocol_stale(kc, capsys, monkeypatch):
+    from torch_r1attn import cache as cache_mod
+
+    s1, s2 = two_entries(kc)
+    monkeypatch.setattr(cache_mod, "TIMING_PROTOCOL", cache_mod.TIMING_PROTOCOL + 1)
+    assert cli(kc, "ls") == 0
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if s1.uri in ln or s2.uri in ln]
+    assert len(lines) == 2 and all("[stale: was timed under timing protocol" in ln for ln in lines)
+    assert cli(kc, "ls", "--json") == 0
+    assert all("timing protocol" in json.loads(ln)["stale"] for ln in capsys.readouterr().out.splitlines())
+
+
 def test_register_adds_the_cache_command():
     parser = argparse.ArgumentParser(prog="r1attn")
     cli_cache.register(parser.add_subparsers(dest="command", required=True))
@@ -55,6 +67,7 @@ def test_ls_and_show(kc, capsys):
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert {r["hash"] for r in rows} == {s1.hash, s2.hash}
     assert next(r for r in rows if r["negative"])["best_speedup"] == pytest.approx(0.789)
+    assert all(r["stale"] is None for r in rows)
     assert cli(kc, "show", s1.hash[:6]) == 0
     shown = json.loads(capsys.readouterr().out)
     assert shown["meta"]["spec"]["hash"] == s1.hash and shown["check_tensors"]["c0.q"]["dtype"] == "float16"

@@ -18,7 +18,9 @@ from .variants import Variant
 
 # 0.1.1: negative cache entries decided by 0.1.0 are misses again (lookup compares versions): a
 # verifier measuring its speed ceilings under load could reject every fast kernel as implausible
-__version__ = "0.1.1"
+# 0.1.2: timing protocol 2 (the GPU held while the host queues timed reps): entries timed under
+# protocol 1 are misses (cache.TIMING_PROTOCOL)
+__version__ = "0.1.2"
 __all__ = ["attention", "R1Attention", "variants", "Variant", "__version__"]
 
 _logging.getLogger(__name__).addHandler(_logging.NullHandler())

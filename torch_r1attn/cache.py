@@ -78,13 +78,19 @@ from .spec import AttentionSpec, device_fingerprint, fingerprint_name
 log = logging.getLogger(__name__)
 
 CACHE_SCHEMA = 1
+# What a stored measurement means. Bump when the verifier's timing changes what it measures:
+# entries (kernels and negatives) decided under another protocol are misses and get searched
+# again. 2 (0.1.2): the GPU is held while the host queues the timed reps, so small kernels are
+# timed without the host's launch latency (protocol 1 timed it: 30-170 us kernels were off by
+# up to 3x, and several small-shape verdicts were wrong both ways).
+TIMING_PROTOCOL = 2
 FORMAT = "torch_r1attn.cache_entry"
 META_FILE = "entry.safetensors"
 SOURCE_FILES = {"triton": "kernel.py", "cuda": "kernel.cu"}
 LOCK_DIR, QUARANTINE_DIR, TMP_PREFIX, TRASH_PREFIX = ".locks", ".quarantine", ".tmp-", ".trash-"
 _RESERVED_META = frozenset({
     "format", "cache_schema", "spec", "fingerprint", "negative", "language", "source_file",
-    "source_sha256", "tensors_sha256", "created", "r1attn_version", "check",
+    "source_sha256", "tensors_sha256", "created", "r1attn_version", "check", "timing_protocol",
 })
 # Bounds on what a read will pull into memory: a check set is a few small tensors, a kernel a
 # few hundred lines. Anything larger is damage (or an attack), not an entry.
@@ -367,6 +373,20 @@ def _is_network_fs(path: Path) -> bool:
 _FILELOCK_KW: dict[str, Any] | None = None
 
 
+def stale_reason(entry: "CacheEntry") -> str | None:
+    """Why a well-formed entry is no longer a verdict (a miss for :meth:`KernelCache.lookup`), or
+    None: timed under another :data:`TIMING_PROTOCOL`, or a negative decided by another
+    torch_r1attn version (the search space may have grown)."""
+    from . import __version__
+
+    proto = entry.meta.get("timing_protocol", 1)
+    if proto != TIMING_PROTOCOL:
+        return f"was timed under timing protocol {proto} (this is {TIMING_PROTOCOL})"
+    if entry.negative and entry.meta.get("r1attn_version") != __version__:
+        return f"was decided by torch_r1attn {entry.meta.get('r1attn_version')} (this is {__version__})"
+    return None
+
+
 def _file_lock(path: Path, timeout: float):
     """A native ``flock`` lock (never filelock's soft/PID-file fallback: no stale heuristics)."""
     global _FILELOCK_KW
@@ -611,7 +631,8 @@ class KernelCache:
         """The entry for ``spec`` (positive or negative), or None on a miss.
 
         A damaged or unsafe entry is a miss (logged at WARNING, quarantined). A negative entry
-        decided under another torch_r1attn version is a miss (the search space may have grown).
+        decided under another torch_r1attn version is a miss (the search space may have grown);
+        so is any entry timed under another :data:`TIMING_PROTOCOL`.
         Repeat lookups of an unchanged entry are answered from memory (one ``lstat``).
         Raises CacheError when the cache root or shard is unsafe.
         """
@@ -627,13 +648,10 @@ class KernelCache:
         entry = self._read_checked(name, spec)
         if entry is None:
             return None
-        if entry.negative:
-            from . import __version__
-
-            if entry.meta.get("r1attn_version") != __version__:
-                log.info("r1attn cache: negative entry %s was decided by torch_r1attn %s (this is %s); "
-                         "treated as a miss", name, entry.meta.get("r1attn_version"), __version__)
-                return None
+        why = stale_reason(entry)
+        if why is not None:
+            log.info("r1attn cache: entry %s %s; treated as a miss", name, why)
+            return None
         if sig is not None and sig == self._sig(path):
             with self._mu:
                 self._memo[name] = (entry, sig)
@@ -699,7 +717,7 @@ class KernelCache:
             "format": FORMAT, "cache_schema": CACHE_SCHEMA, "spec": spec.to_dict(),
             "fingerprint": self.fingerprint, "negative": negative,
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "r1attn_version": __version__,
+            "r1attn_version": __version__, "timing_protocol": TIMING_PROTOCOL,
         }
 
     def store(self, spec: AttentionSpec, source: str, language: str, meta: dict[str, Any],

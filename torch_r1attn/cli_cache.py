@@ -25,7 +25,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from .cache import CACHE_SCHEMA, CacheError, KernelCache
+from .cache import CACHE_SCHEMA, CacheError, KernelCache, stale_reason
 
 
 class _UsageError(Exception):
@@ -100,7 +100,8 @@ def _ls(cache: KernelCache, args) -> int:
             print(json.dumps({"name": e.path.name, "hash": e.spec.hash, "uri": e.spec.uri,
                               "negative": e.negative, "language": e.language,
                               "measurements": e.meta.get("measurements"), "created": e.meta.get("created"),
-                              "reason": e.meta.get("reason"), "best_speedup": e.meta.get("best_speedup")}))
+                              "reason": e.meta.get("reason"), "best_speedup": e.meta.get("best_speedup"),
+                              "stale": stale_reason(e)}))
         return 0
     print(f"# {cache.shard}  ({len(entries)} entries)")
     for e in entries:
@@ -111,6 +112,9 @@ def _ls(cache: KernelCache, args) -> int:
         if isinstance(sp, (int, float)) and not isinstance(sp, bool):
             sp_s = f"({sp:.2f}x)" if e.negative else f"{sp:.2f}x"
         why = f"  {e.meta['reason']}" if e.negative and isinstance(e.meta.get("reason"), str) else ""
+        stale = stale_reason(e)
+        if stale:
+            why += f"  [stale: {stale}; searched again on next use]"
         print(f"{e.spec.hash}  {kind:<8}  {sp_s:>7}  {e.spec.uri}{why}")
     return 0
 
