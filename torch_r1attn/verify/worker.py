@@ -159,6 +159,20 @@ class WorkerProcess:
         except (BrokenPipeError, OSError) as e:
             raise WorkerDied(f"cannot talk to worker ({e}); {self._death()}") from None
 
+    def _grant(self, msg: dict, held: Callable[[], None] | None,
+               acquire: Callable[[str], Callable[[], None]] | None,
+               default_mode: str) -> tuple[Callable[[], None] | None, float]:
+        """Answer a worker's ``lock`` request: drop the lock it ``held``, take the one it asks for
+        (``acquire(mode)``; none when ``acquire`` is None), tell it ``ok``. Returns the new release
+        function and the seconds spent waiting, which do not count against the job's limit."""
+        if held is not None:
+            held()
+        t0 = time.monotonic()
+        release = acquire(str(msg.get("mode", default_mode))) if acquire is not None else None
+        waited = time.monotonic() - t0
+        self._send("ok")
+        return release, waited
+
     def wait_ready(self, timeout_s: float = STARTUP_TIMEOUT_S,
                    acquire: Callable[[str], Callable[[], None]] | None = None) -> None:
         """Wait for the worker's ``ready``. A worker that must measure the device ceilings first
@@ -171,14 +185,9 @@ class WorkerProcess:
             while True:
                 msg = self._readline(deadline)
                 if msg.get("ev") == "lock":
-                    if release is not None:
-                        release()
-                        release = None
-                    t0 = time.monotonic()
-                    if acquire is not None:
-                        release = acquire(str(msg.get("mode", "exclusive")))
-                    deadline += time.monotonic() - t0
-                    self._send("ok")
+                    held, release = release, None  # released in _grant, even if acquiring fails
+                    release, waited = self._grant(msg, held, acquire, "exclusive")
+                    deadline += waited
                     continue
                 if msg.get("ev") != "ready":
                     raise WorkerDied(f"worker did not start: {msg}")
@@ -225,16 +234,12 @@ class WorkerProcess:
                     charge(time.monotonic())
                     self.last_phase = str(msg.get("phase"))[:200]
                 elif ev == "lock":
-                    if release is not None:
-                        release()
-                        release = None
-                    t0 = time.monotonic()
-                    charge(t0)
-                    release = acquire(str(msg.get("mode", "shared")))
+                    charge(time.monotonic())
+                    held, release = release, None  # released in _grant, even if acquiring fails
+                    release, waited = self._grant(msg, held, acquire, "shared")
                     mark = time.monotonic()
-                    phases["lock_wait"] = phases.get("lock_wait", 0.0) + (mark - t0)
-                    deadline += mark - t0
-                    self._send("ok")
+                    phases["lock_wait"] = phases.get("lock_wait", 0.0) + waited
+                    deadline += waited
                 elif ev == "done":
                     charge(time.monotonic())
                     if msg.get("fatal"):
