@@ -172,8 +172,7 @@ def run_search(
                      f"{best_speed:.3f}" if best_speed else "n/a")
         res.seconds = time.monotonic() - t0
         t_sel = time.monotonic()
-        if hasattr(pool, "fill_baselines"):  # a wave whose baseline job failed: later waves timed them
-            pool.fill_baselines([r for _, r in ok_results], problem)
+        pool.fill_baselines([r for _, r in ok_results], problem)  # a wave whose baseline job failed
         _select_and_store(problem, ok_results, res, s, cache, pool)
         waves.append({"select_and_store_s": round(time.monotonic() - t_sel, 3)})
     finally:

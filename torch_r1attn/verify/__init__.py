@@ -382,11 +382,10 @@ class VerifierPool:
         for r in results:
             if r.timing_meaningful and r.time_ms and not r.baselines_ms:
                 r.baselines_ms = dict(base)
-                r.best_baseline, r.best_baseline_ms = min(base.items(), key=lambda kv: kv[1])
-                r.speedup = r.best_baseline_ms / r.time_ms
+                _set_speedup(r)
                 r.notes.append("baselines: timed by another job of this search (same GPU, inputs and protocol)")
                 if r.ok:
-                    r.reason = f"correct on every trial; {r.speedup:.3f}x the best baseline ({r.best_baseline})"
+                    r.reason = _pass_reason(r)
                 r.feedback = make_feedback(r)
                 n += 1
         return n
@@ -493,8 +492,7 @@ class VerifierPool:
                 verdict, reason = "rejected", failed[0].detail
             else:
                 verdict = "pass"
-                reason = "correct on every trial" + (f"; {r.speedup:.3f}x the best baseline ({r.best_baseline})"
-                                                     if r.speedup is not None else "")
+                reason = _pass_reason(r)
         r.verdict, r.reason = verdict, reason[:500]
         r.ok = verdict == "pass"
         return r
@@ -516,9 +514,7 @@ class VerifierPool:
             elif not r.baselines_ms and prep.baselines_ms:
                 r.baselines_ms = dict(prep.baselines_ms)
                 r.notes.append("baselines: timed earlier in this search (same GPU, inputs and protocol)")
-        if r.baselines_ms:
-            r.best_baseline, r.best_baseline_ms = min(r.baselines_ms.items(), key=lambda kv: kv[1])
-            r.speedup = r.best_baseline_ms / r.time_ms if r.time_ms > 0 else None
+        _set_speedup(r)
         # plausibility, computed here from the variant's mask (the worker only timed)
         cpath = self._ceilings_path(str(problem.device))
         try:
@@ -551,6 +547,18 @@ class VerifierPool:
             shutil.rmtree(job, ignore_errors=True)
         log.info("verify: %s (%s) in %.1fs", r.verdict, r.reason[:160], r.seconds)
         return r
+
+
+def _set_speedup(r: VerifyResult) -> None:
+    """``best_baseline``/``best_baseline_ms``/``speedup`` from ``r.baselines_ms`` and ``r.time_ms``."""
+    if r.baselines_ms:
+        r.best_baseline, r.best_baseline_ms = min(r.baselines_ms.items(), key=lambda kv: kv[1])
+        r.speedup = r.best_baseline_ms / r.time_ms if r.time_ms and r.time_ms > 0 else None
+
+
+def _pass_reason(r: VerifyResult) -> str:
+    return "correct on every trial" + (f"; {r.speedup:.3f}x the best baseline ({r.best_baseline})"
+                                       if r.speedup is not None else "")
 
 
 def _first_line(err: str) -> str:

@@ -61,8 +61,8 @@ def _phase_bucket(phase: str) -> str:
     call of the first trial is "first_call": a Triton kernel compiles there)."""
     if phase.startswith("trial"):
         return "first_call" if phase.startswith("trial 0 ") and phase.endswith(" call 1") else "trials"
-    return {"submit": "inputs", "load": "import", "timing setup": "timing_setup", "timing": "timing", "recheck after timing": "recheck",
-            "write outputs": "write"}.get(phase, "other")
+    return {"submit": "inputs", "load": "import", "timing setup": "timing_setup", "timing": "timing",
+            "recheck after timing": "recheck", "write outputs": "write"}.get(phase, "other")
 
 
 class WorkerProcess:
@@ -95,8 +95,6 @@ class WorkerProcess:
         # seconds per phase of the last job (compile, trials, timing, recheck, write, lock_wait):
         # where a verification spends its time, for the search report and the logs
         self.last_phases: dict[str, float] = {}
-        self.started_at = time.monotonic()
-        self.ready_s: float | None = None  # seconds from spawn to ready (the startup's cost)
 
     @property
     def alive(self) -> bool:
@@ -196,7 +194,6 @@ class WorkerProcess:
             if release is not None:
                 release()
         self.ready = True
-        self.ready_s = time.monotonic() - self.started_at
         self.last_phase = "idle"
 
     def run_job(self, job_dir: Path, timeout_s: float, acquire: Callable[[str], Callable[[], None]]) -> dict:
@@ -449,7 +446,8 @@ class _Worker:
         q, k, v = (x.to(self.device) for x in random_qkv(shape, spec.torch_dtype, "normal", int(pmeta["timing_seed"]),
                                                           spec.head_dim_v, spec.head_dim))
         scale = float(pmeta["scale"])
-        ctx: dict[str, Any] = {"bench": pmeta["bench"], "pdir": str(pdir), "kern": kern}
+        ctx: dict[str, Any] = {"bench": pmeta["bench"], "pdir": str(pdir),
+                               "baselines": bool(job.get("baselines", True))}
         why = kern.unsupported(q, k, v)
         if why is not None:
             ctx["unsupported"] = f"timing shape {shape}: SUPPORTS excludes it ({why})"
@@ -461,7 +459,7 @@ class _Worker:
             kern(qq, kk, vv, oo, scale, **vt)
 
         ctx.update(sets=sets, cand=cand)
-        if job.get("baselines", True):
+        if ctx["baselines"]:
             flex_here = not variant_has_opaque(tv)
             ctx["flex_in_parent"] = not flex_here
             if str(pdir) not in self.baseline_cache:
@@ -480,7 +478,7 @@ class _Worker:
         self.sync()
         report = {"time_ms": res["median_ms"], "p20_ms": res["p20_ms"], "p80_ms": res["p80_ms"],
                   "reps": res["reps"], "n_sets": len(sets)}
-        if "flex_in_parent" in ctx:
+        if ctx["baselines"]:
             cached = self.baseline_cache.get(ctx["pdir"])
             if cached is None:
                 cached = self.baseline_cache[ctx["pdir"]] = (timing.time_runners(ctx["runners"], sets, bk),
