@@ -471,3 +471,59 @@ def test_one_job_at_a_time_times_the_baselines(pool):
     assert waiting.baselines_ms == {"sdpa_flash": 3.0, "flex": 4.0} and waiting.best_baseline == "sdpa_flash"
     assert waiting.speedup == pytest.approx(1.5) and "1.500x" in waiting.reason
     assert any("another job" in n for n in waiting.notes) and "1.5" in waiting.feedback
+
+
+# ------------------------------------------------------------------ what timing runs on
+def _doc_problem(ids: torch.Tensor, sq: int = 40, sk: int = 40) -> Problem:
+    return make_problem(V.causal() + V.document(ids), sq=sq, sk=sk)
+
+
+def test_timing_runs_on_the_callers_documents():
+    """Timing uses the caller's own document layout when it fits the timing shape (the blocks a
+    kernel visits depend on it); a layout that does not fit gets a random one of the right size."""
+    ids = torch.repeat_interleave(torch.arange(8, dtype=torch.int32), 5)  # 8 documents of 5
+    p = _doc_problem(ids)
+    assert p.timing_variant_is_callers()
+    tv = p.timing_variant(97, device="cpu")
+    (doc,) = [t for n, t in tv.tensors().items() if "doc" in n]
+    assert torch.equal(doc, ids)
+    short = _doc_problem(ids[:30])  # shorter than Sk=40: cannot time on it
+    assert not short.timing_variant_is_callers()
+    (doc2,) = [t for n, t in short.timing_variant(97, device="cpu").tensors().items() if "doc" in n]
+    assert doc2.shape[-1] == 40 and not torch.equal(doc2[:30], ids[:30])
+    batched = _doc_problem(torch.stack([ids, ids, ids]))  # (B=3, L) for a B=1 shape
+    assert not batched.timing_variant_is_callers()
+
+
+def test_worker_rebuilds_the_callers_timing_variant(pool):
+    """The worker rebuilds the problem from problem.json + recipe.safetensors: the variant it
+    times on is the caller's, tensor for tensor."""
+    from safetensors.torch import load_file
+
+    from torch_r1attn.problem import variant_from_recipe
+
+    ids = torch.repeat_interleave(torch.arange(4, dtype=torch.int32), 10)
+    prob = _doc_problem(ids)
+    prep = pool._prepare(prob)
+    meta = json.loads((prep.dir / "problem.json").read_text())
+    rt = load_file(str(prep.dir / "recipe.safetensors"))
+    rebuilt = Problem(spec=prob.spec, variant=variant_from_recipe(meta["recipe"], rt, device="cpu"),
+                      shape=tuple(meta["shape"]), device="cpu")
+    tv = rebuilt.timing_variant(int(meta["timing_seed"]), device="cpu")
+    want = prob.timing_variant(int(meta["timing_seed"]), device="cpu").tensors()
+    got = tv.tensors()
+    assert list(got) == list(want) and all(torch.equal(got[n], want[n]) for n in want)
+
+
+def test_effective_tflops_count_the_callers_pairs(pool):
+    """Plausibility and effective TFLOP/s count the allowed pairs of the layout that was timed."""
+    ids = torch.repeat_interleave(torch.arange(8, dtype=torch.int32), 5)
+    prob = _doc_problem(ids)
+    prep = pool._prepare(prob)
+    r = VerifyResult(ok=True, compiled=True, verdict="pass", reason="")
+    pool._apply_timing(r, prep, {"time_ms": 1.0, "baselines_ms": {"flex": 2.0}})
+    B, Hq, _, Sq, Sk = prob.shape
+    pairs = C.allowed_pairs(prob.variant, B, Hq, Sq, Sk)
+    assert pairs == B * Hq * 8 * 15  # 8 causal documents of 5: 1+2+3+4+5 pairs each
+    want = 2.0 * pairs * (prob.spec.head_dim + prob.spec.head_dim_v) / 1e-3 / 1e12
+    assert r.effective_tflops == pytest.approx(want)

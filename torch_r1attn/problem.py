@@ -244,6 +244,26 @@ class Problem:
         return representative_variant(self.variant, B, Hq, Sq, Sk, torch.Generator().manual_seed(seed),
                                       device or self.device)
 
+    def timing_variant(self, seed: int = 0, device=None) -> V.Variant:
+        """The variant that timing runs at ``self.shape``: the caller's own (its document layout,
+        dense mask or bias) when its tensors fit that shape, else :meth:`variant_for`.
+
+        Data-dependent masks decide which blocks a kernel visits, so a search timed on a random
+        layout tunes for the wrong work: documents timed on one or two random documents behave
+        like causal attention, the caller's eight like a sparse mask, and prefer other tiles."""
+        if not self.timing_variant_is_callers():
+            return self.variant_for(self.shape, seed, device)
+        return self.variant.to(device or self.device)
+
+    def timing_variant_is_callers(self) -> bool:
+        """Whether :meth:`timing_variant` is the caller's variant (its tensors fit ``shape``)."""
+        B, Hq, _, Sq, Sk = self.shape
+        try:
+            self.variant.validate_call(B, Hq, Sq, Sk, None)
+        except (ValueError, TypeError):
+            return False
+        return True
+
     @classmethod
     def from_spec(cls, spec: AttentionSpec, variant: V.Variant, device: str = "cuda",
                   shape: Shape | None = None, small: bool = False) -> "Problem":

@@ -292,6 +292,8 @@ def _write_report(problem: Problem, res: SearchResult, curve: list[dict[str, Any
         "spec_dict": problem.spec.to_dict(),
         "shape": list(problem.shape),
         "device": problem.device,
+        # which masks/biases timing ran on: the caller's own, or random ones of the right shape
+        "timing_variant": "caller" if problem.timing_variant_is_callers() else "representative",
         "curve": curve,
         "waves": waves or [],
         "candidates": [

@@ -524,7 +524,7 @@ class VerifierPool:
         B, Hq, Hkv, Sq, Sk = problem.shape
         spec = problem.spec
         dev = C.reference_device(problem)
-        tv = problem.variant_for(problem.shape, TIMING_SEED, device=dev)
+        tv = problem.timing_variant(TIMING_SEED, device=dev)
         pairs = C.allowed_pairs(tv, B, Hq, Sq, Sk, dev)
         flops = 2.0 * pairs * (spec.head_dim + spec.head_dim_v)
         esz = torch.empty((), dtype=spec.torch_dtype).element_size()
@@ -576,7 +576,7 @@ def _time_flex_in_parent(prep: _Prepared, protocol: Protocol, device_lock: _Devi
     spec = problem.spec
     shape = problem.shape
     dev = str(problem.device)
-    tv = problem.variant_for(shape, TIMING_SEED, device=dev)
+    tv = problem.timing_variant(TIMING_SEED, device=dev)
     q, k, v = (x.to(dev) for x in random_qkv(shape, spec.torch_dtype, "normal", TIMING_SEED,
                                               spec.head_dim_v, spec.head_dim))
     set_bytes = sum(x.numel() * x.element_size() for x in (q, k, v))

@@ -441,7 +441,7 @@ class _Worker:
         variant = variant_from_recipe(pmeta["recipe"], rt, device="cpu")
         shape = tuple(pmeta["shape"])
         prob = Problem(spec=spec, variant=variant, shape=shape, device=self.device)
-        tv = prob.variant_for(shape, int(pmeta["timing_seed"]), device=self.device)
+        tv = prob.timing_variant(int(pmeta["timing_seed"]), device=self.device)
         vt = {n: t.contiguous() for n, t in tv.tensors().items()}
         q, k, v = (x.to(self.device) for x in random_qkv(shape, spec.torch_dtype, "normal", int(pmeta["timing_seed"]),
                                                           spec.head_dim_v, spec.head_dim))
