@@ -12,6 +12,8 @@ mask), and prints one table. Effective TFLOP/s counts only the allowed (q, kv) p
     python benchmarks/tune_templates.py            # ~6-10 configs per variant, < 8 min on an H200
     python benchmarks/tune_templates.py --quick    # 2 configs per variant
     python benchmarks/tune_templates.py --dry-run  # CPU: generate every source, run nothing
+    python benchmarks/tune_templates.py --configs 2 --ab lazy_rescale   # A/B one knob: each of the
+        # first 2 configs is timed with the knob off and on, back to back, in the same run
 
 Rows go to ``$OUT/tune_templates.json`` (``OUT`` defaults to ./bench_out).
 """
@@ -145,6 +147,21 @@ def bench(fn, sets, warmup=10, rep=50) -> float:
     return float(triton.testing.do_bench(call, warmup=warmup, rep=rep, return_mode="median"))
 
 
+def ab_pairs(prob, cands, knob: str) -> list:
+    """Each candidate twice, ``knob`` off then on (the A/B of one knob on the same configs)."""
+    from torch_r1attn.search.base import Candidate
+    from torch_r1attn.search.templates import KNOB_VALUES, generate_source, normalize_config
+
+    if knob not in KNOB_VALUES or not isinstance(KNOB_VALUES[knob][0], bool):
+        raise SystemExit(f"--ab needs a boolean template knob, got {knob!r}")
+    out = []
+    for c in cands:
+        for val in (False, True):
+            cfg = normalize_config(prob, {**c.config, knob: val})
+            out.append(Candidate(source=generate_source(prob, cfg), proposer="templates", config=cfg))
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="2 configs per variant")
@@ -154,6 +171,7 @@ def main() -> int:
     ap.add_argument("--no-flex", action="store_true", help="skip the FlexAttention peer (saves compile time)")
     ap.add_argument("--budget-s", type=float, default=430.0, help="stop trying configs after this many seconds")
     ap.add_argument("--dry-run", action="store_true", help="generate every source (CPU ok), run nothing")
+    ap.add_argument("--ab", default="", help="a boolean template knob: time each config with it off and on")
     args = ap.parse_args()
     n_cfg = 2 if args.quick else args.configs
     out_dir = Path(os.environ.get("OUT") or "bench_out")
@@ -181,6 +199,8 @@ def main() -> int:
             spec = AttentionSpec(**{**spec.key_dict(), "example": (B, Hq, Hkv, Sq, Sk)})
             prob = Problem(spec=spec, variant=variant, shape=(B, Hq, Hkv, Sq, Sk), device="cuda")
             cands = TemplatesProposer().propose(prob, [], n_cfg)
+            if args.ab:
+                cands = ab_pairs(prob, cands, args.ab)
             if args.dry_run:
                 for i, c in enumerate(cands):
                     (tmp / f"{anchor}_{name}_{i}.py").write_text(c.source)
@@ -225,7 +245,7 @@ def main() -> int:
                     row.update(ok=False, error=f"{type(e).__name__}: {str(e)[:300]}")
                 results.append(row)
                 short = {k: cand.config[k] for k in ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages")}
-                flags = [k for k in ("branch_mask", "fold_scale", "tma", "warp_specialize") if cand.config.get(k)]
+                flags = [k for k in ("branch_mask", "fold_scale", "tma", "warp_specialize", "lazy_rescale") if cand.config.get(k)]
                 print(f"  {name:24s} cfg{i} {short} {flags} ok={row.get('ok')} ms={row.get('ms', float('nan')):.3f} "
                       f"err={row.get('err', float('nan')):.2e} {row.get('error', '')[:80]}")
             peers = {}
@@ -269,7 +289,7 @@ def main() -> int:
         c = r["best_config"]
         cs = (f"{c['path'][:3]} M{c['BLOCK_M']} N{c['BLOCK_N']} w{c['num_warps']} s{c['num_stages']}"
               + (" tma" if c.get("tma") else "") + (" ws" if c.get("warp_specialize") else "")
-              + (" fold" if c.get("fold_scale") else "") + (" br" if c.get("branch_mask") else "") + (f" sp{c['num_splits']}" if c["path"] == "decode" else "")
+              + (" fold" if c.get("fold_scale") else "") + (" lazy" if c.get("lazy_rescale") else "") + (" br" if c.get("branch_mask") else "") + (f" sp{c['num_splits']}" if c["path"] == "decode" else "")
               ) if c else "none correct"
         fmt = lambda x, f: (f.format(x) if x is not None else "-")  # noqa: E731
         print(f"{r['anchor']:12s} {r['variant']:24s} {cs:44s} {fmt(r['ms'], '{:7.3f}'):>7s} "
