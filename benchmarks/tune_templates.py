@@ -12,7 +12,7 @@ mask), and prints one table. Effective TFLOP/s counts only the allowed (q, kv) p
     python benchmarks/tune_templates.py            # ~6-10 configs per variant, < 8 min on an H200
     python benchmarks/tune_templates.py --quick    # 2 configs per variant
     python benchmarks/tune_templates.py --dry-run  # CPU: generate every source, run nothing
-    python benchmarks/tune_templates.py --configs 2 --ab lazy_rescale   # A/B one knob: each of the
+    python benchmarks/tune_templates.py --configs 2 --ab tma   # A/B one boolean knob: each of the
         # first 2 configs is timed with the knob off and on, back to back, in the same run
 
 Rows go to ``$OUT/tune_templates.json`` (``OUT`` defaults to ./bench_out).
@@ -245,7 +245,7 @@ def main() -> int:
                     row.update(ok=False, error=f"{type(e).__name__}: {str(e)[:300]}")
                 results.append(row)
                 short = {k: cand.config[k] for k in ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages")}
-                flags = [k for k in ("branch_mask", "fold_scale", "tma", "warp_specialize", "lazy_rescale") if cand.config.get(k)]
+                flags = [k for k in ("branch_mask", "fold_scale", "tma", "warp_specialize") if cand.config.get(k)]
                 print(f"  {name:24s} cfg{i} {short} {flags} ok={row.get('ok')} ms={row.get('ms', float('nan')):.3f} "
                       f"err={row.get('err', float('nan')):.2e} {row.get('error', '')[:80]}")
             peers = {}
@@ -289,7 +289,7 @@ def main() -> int:
         c = r["best_config"]
         cs = (f"{c['path'][:3]} M{c['BLOCK_M']} N{c['BLOCK_N']} w{c['num_warps']} s{c['num_stages']}"
               + (" tma" if c.get("tma") else "") + (" ws" if c.get("warp_specialize") else "")
-              + (" fold" if c.get("fold_scale") else "") + (" lazy" if c.get("lazy_rescale") else "") + (" br" if c.get("branch_mask") else "") + (f" sp{c['num_splits']}" if c["path"] == "decode" else "")
+              + (" fold" if c.get("fold_scale") else "") + (" br" if c.get("branch_mask") else "") + (f" sp{c['num_splits']}" if c["path"] == "decode" else "")
               ) if c else "none correct"
         fmt = lambda x, f: (f.format(x) if x is not None else "-")  # noqa: E731
         print(f"{r['anchor']:12s} {r['variant']:24s} {cs:44s} {fmt(r['ms'], '{:7.3f}'):>7s} "

@@ -30,9 +30,6 @@ Knobs (keys of ``config``)::
     fast_tanh        tanh.approx.f32 inline asm (CUDA only; soft-cap and traced tanh)
     tma              Hopper tensor descriptors (``tl.make_tensor_descriptor``) for Q/K/V/O
     warp_specialize  ``tl.range(..., warp_specialize=True)`` on the kv loop
-    lazy_rescale     rescale the accumulator only when a row's running max grows by more than
-                     2^8 (FlashAttention-4's trick): most tiles skip ``acc * alpha`` and the
-                     ``exp2(m_i - m_new)``; p stays <= 256, exact after the final ``acc / l``
     num_splits       decode: kv splits (0 = enough to fill the GPU twice)
 
 The Hopper knobs and ``fast_tanh`` default off on the CPU and are searched on CUDA only
@@ -71,7 +68,6 @@ KNOB_VALUES: dict[str, tuple] = {
     "fast_tanh": (True, False),
     "tma": (False, True),
     "warp_specialize": (False, True),
-    "lazy_rescale": (False, True),
     "num_splits": (0, 1, 2, 4, 8, 16, 32),
 }
 _CUDA_ONLY = ("fast_tanh", "tma", "warp_specialize")
@@ -108,7 +104,7 @@ def default_config(problem: Problem) -> dict[str, Any]:
         "path": "decode" if decode else "prefill",
         "exp2": True, "fold_scale": False, "split_loop": True, "branch_mask": False,
         "reverse_m": _causal_like(problem.variant),
-        "fast_tanh": not cpu, "tma": False, "warp_specialize": False, "lazy_rescale": False, "num_splits": 0,
+        "fast_tanh": not cpu, "tma": False, "warp_specialize": False, "num_splits": 0,
     }
     if cpu:
         cfg.update(BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=1)
@@ -265,41 +261,21 @@ def _loop(kind: str, start: str, end: str, mode: str, cfg: dict[str, Any], vc: V
     elif masked:
         body += _mask_lines(vc, mode)
         body.append('s = tl.where(allowed, s, float("-inf"))')
-    if cfg["lazy_rescale"]:
-        # the reference max m_i moves only when some row's max grew past it by more than 2^8
-        # (base 2; 8 ln 2 in base e): one tile-uniform branch, so most tiles skip the rescale.
-        # -inf -> finite grows by ~1e30 (rescales: alpha = 0 on the empty acc); -inf -> -inf by
-        # -inf (no NaN from inf - inf)
-        th = 8.0 if cfg["exp2"] else 8.0 * 0.6931471805599453
-        body += [
-            "m_new = tl.maximum(m_i, tl.max(s, 1))",
-            "grow = m_new - tl.maximum(m_i, -1.0e30)",
-            f"if tl.max(grow, 0) > {th!r}:",
-            '    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)',
-            f"    alpha = {ex}(m_i - m_use)",
-            "    l_i = l_i * alpha",
-            "    acc = acc * alpha[:, None]",
-            "    m_i = m_new",
-            'm_ref = tl.where(m_i == float("-inf"), 0.0, m_i)',
-            f"p = {ex}(s - m_ref[:, None])",
-            "l_i = l_i + tl.sum(p, 1)",
-        ]
-    else:
-        body += [
-            "m_new = tl.maximum(m_i, tl.max(s, 1))",
-            # a row with nothing allowed yet keeps m = -inf; subtract 0 there so p = 0, not NaN
-            'm_use = tl.where(m_new == float("-inf"), 0.0, m_new)',
-            f"p = {ex}(s - m_use[:, None])",
-            f"alpha = {ex}(m_i - m_use)",
-            "l_i = l_i * alpha + tl.sum(p, 1)",
-            "acc = acc * alpha[:, None]",
-        ]
+    body += [
+        "m_new = tl.maximum(m_i, tl.max(s, 1))",
+        # a row with nothing allowed yet keeps m = -inf; subtract 0 there so p = 0, not NaN
+        'm_use = tl.where(m_new == float("-inf"), 0.0, m_new)',
+        f"p = {ex}(s - m_use[:, None])",
+        f"alpha = {ex}(m_i - m_use)",
+        "l_i = l_i * alpha + tl.sum(p, 1)",
+        "acc = acc * alpha[:, None]",
+    ]
     vload = f"v = tl.load(v_base + kv_idx[:, None] * svn + offs_dv[None, :] * svd{mask('kv_ok[:, None]' if masked else '', dvm)})"
     if kind == "prefill" and cfg["tma"]:
         body += ["if USE_TMA:", "    v = v_desc.load([start_n, 0])", "else:", "    " + vload]
     else:
         body.append(vload)
-    body += [f"acc = tl.dot(p.to(v.dtype), v, acc{prec})"] + ([] if cfg["lazy_rescale"] else ["m_i = m_new"])
+    body += [f"acc = tl.dot(p.to(v.dtype), v, acc{prec})", "m_i = m_new"]
     return [f"for start_n in {rng}:"] + _indent(body, 4)
 
 
