@@ -105,8 +105,22 @@ def effective_tflops(c: Case, ms: float, frac: float) -> float:
     return flops / (ms * 1e-3) / 1e12
 
 
+def bench_gpu(fn: Callable, sets: list, warmup_ms: float = 50, rep_ms: float = 300) -> float:
+    """Median GPU ms of ``fn(*inputs)`` under the verifier's timing protocol 2
+    (:func:`torch_r1attn.verify.timing.bench`): an L2 flush before every rep, inputs rotated, and
+    each timed call already queued behind a spin kernel when its flush ends, so the events time
+    the GPU work of the call, not the host's Python and launch latency (reported separately as
+    the dispatch overhead). Every path of a comparison is timed the same way."""
+    from torch_r1attn.verify.timing import bench as protocol_bench
+
+    return float(protocol_bench(fn, sets, warmup_ms=warmup_ms, rep_ms=rep_ms)["median_ms"])
+
+
 def bench(fn: Callable, sets: list, warmup_ms: float = 100, rep_ms: float = 400) -> float:
-    """Median ms of ``fn(*inputs)``, rotating input sets so L2 does not hold one of them."""
+    """Median ms of ``fn(*inputs)`` with ``triton.testing.do_bench``, rotating input sets so L2
+    does not hold one of them. Its events include the host's launch latency whenever the host
+    takes longer to issue the call than the GPU takes to flush L2 (~60 us on the H200): a wall
+    time, host included (see :func:`bench_gpu` for the GPU time)."""
     from triton.testing import do_bench
 
     i = [0]
