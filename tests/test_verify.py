@@ -527,3 +527,34 @@ def test_effective_tflops_count_the_callers_pairs(pool):
     assert pairs == B * Hq * 8 * 15  # 8 causal documents of 5: 1+2+3+4+5 pairs each
     want = 2.0 * pairs * (prob.spec.head_dim + prob.spec.head_dim_v) / 1e-3 / 1e12
     assert r.effective_tflops == pytest.approx(want)
+
+
+# ------------------------------------------------------------------ a baseline's failure is not the candidate's
+def test_sdpa_inputs_that_cannot_be_built_leave_sdpa_out(monkeypatch):
+    """At B=1 H=32 S=16384 a relative bias's dense SDPA bias is 8.6e9 elements: building it ran
+    out of memory inside the baseline job on the H200 and failed the candidate with it (session
+    5). Now SDPA is left out with a note and the other baselines still count."""
+    from torch_r1attn import fallback
+    from torch_r1attn.verify import timing
+
+    def oom(*a, **k):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 32.00 GiB")
+
+    monkeypatch.setattr(fallback, "sdpa_inputs", oom)
+    q = torch.randn(1, 2, 8, 16)
+    sets = [(q, q.clone(), q.clone(), torch.empty_like(q))]
+    var = V.causal() + V.relative_bias(torch.randn(2, 15))
+    runners, notes = timing.baseline_runners(sets, var, 0.25, flex=False)
+    assert runners == {}
+    assert any("SDPA left out" in n and "OutOfMemoryError" in n for n in notes), notes
+
+
+def test_a_baseline_failing_while_timed_is_left_out():
+    from torch_r1attn.verify import timing
+
+    q = torch.randn(1, 1, 4, 8)
+    notes: list[str] = []
+    # on the CPU timing.bench itself refuses (no CUDA): every runner fails, none raises out
+    out = timing.time_runners({"sdpa_cudnn": lambda *a: None, "flex": lambda *a: None},
+                              [(q, q, q, q)], {}, notes)
+    assert out == {} and [n.split()[0] for n in notes] == ["sdpa_cudnn", "flex"]

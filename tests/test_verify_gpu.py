@@ -172,3 +172,22 @@ def test_bench_times_the_kernel_not_the_host_launch():
     print(f"\nkernel alone {t_fast * 1e3:.1f} us, behind 300 us of host work {t_slow * 1e3:.1f} us")
     assert t_fast < 0.1
     assert t_slow < 1.3 * t_fast + 0.005, (t_fast, t_slow)
+
+
+@pytest.mark.gpu
+def test_flex_still_times_when_sdpa_inputs_do_not_fit(monkeypatch):
+    """The S=16384 relative-bias failure of session 5, forced: SDPA's dense bias cannot be built,
+    Flex is timed anyway and SDPA is left out with a note."""
+    from torch_r1attn import fallback
+    from torch_r1attn.verify import timing
+
+    def oom(*a, **k):
+        raise torch.OutOfMemoryError("CUDA out of memory (forced)")
+
+    monkeypatch.setattr(fallback, "sdpa_inputs", oom)
+    q, k, v = (torch.randn(1, 4, 256, 64, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    var = (V.causal() + V.relative_bias(torch.randn(4, 511))).to("cuda")
+    base, notes = timing.time_baselines([(q, k, v, torch.empty_like(q))], var, 0.125,
+                                        {"warmup_ms": 5, "rep_ms": 20})
+    assert set(base) == {"flex"} and base["flex"] > 0
+    assert any("SDPA left out" in n for n in notes)

@@ -152,8 +152,17 @@ def baseline_runners(sets: list[tuple], variant, scale: float, *, flex: bool = T
     gqa = Hq != k.shape[1]
     runners: dict[str, Callable[..., object]] = {}
     notes: list[str] = []
+    mask = None
     if sdpa and fallback.sdpa_expressible(variant):
-        mask, is_causal = fallback.sdpa_inputs(variant, B, Hq, Sq, Sk, q.dtype, q.device)
+        try:
+            mask, is_causal = fallback.sdpa_inputs(variant, B, Hq, Sq, Sk, q.dtype, q.device)
+        except Exception as e:  # noqa: BLE001 - e.g. a dense bias of B*H*Sq*Sk elements that does not fit
+            notes.append(f"SDPA left out: its dense mask/bias could not be built for this shape "
+                         f"({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''})")
+            sdpa = False
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+    if sdpa and fallback.sdpa_expressible(variant):
         backends = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION,
                     "efficient": SDPBackend.EFFICIENT_ATTENTION}
         for name in SDPA_BACKENDS:
@@ -187,9 +196,20 @@ def baseline_runners(sets: list[tuple], variant, scale: float, *, flex: bool = T
     return runners, notes
 
 
-def time_runners(runners: dict[str, Callable[..., object]], sets: list[tuple], bench_kw: dict) -> dict[str, float]:
-    """``{name: median_ms}`` of :func:`baseline_runners`' output (the caller holds the device)."""
-    return {name: bench(fn, sets, **bench_kw)["median_ms"] for name, fn in runners.items()}
+def time_runners(runners: dict[str, Callable[..., object]], sets: list[tuple], bench_kw: dict,
+                 notes: list[str] | None = None) -> dict[str, float]:
+    """``{name: median_ms}`` of :func:`baseline_runners`' output (the caller holds the device).
+    A baseline that fails while timed (out of memory, say) is left out, with a note in ``notes``:
+    a baseline's failure is never the candidate's."""
+    out: dict[str, float] = {}
+    for name, fn in runners.items():
+        try:
+            out[name] = bench(fn, sets, **bench_kw)["median_ms"]
+        except Exception as e:  # noqa: BLE001 - reported; the other baselines still count
+            log.warning("baseline %s failed while timed: %s: %s", name, type(e).__name__, e)
+            if notes is not None:
+                notes.append(f"{name} left out: failed while timed ({type(e).__name__})")
+    return out
 
 
 def time_baselines(sets: list[tuple], variant, scale: float, bench_kw: dict, *, flex: bool = True,
@@ -200,7 +220,7 @@ def time_baselines(sets: list[tuple], variant, scale: float, bench_kw: dict, *, 
     note saying why.
     """
     runners, notes = baseline_runners(sets, variant, scale, flex=flex, sdpa=sdpa)
-    return time_runners(runners, sets, bench_kw), notes
+    return time_runners(runners, sets, bench_kw, notes), notes
 
 
 # ----------------------------------------------------------------------------------- ceilings

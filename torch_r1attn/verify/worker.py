@@ -481,8 +481,9 @@ class _Worker:
         if ctx["baselines"]:
             cached = self.baseline_cache.get(ctx["pdir"])
             if cached is None:
-                cached = self.baseline_cache[ctx["pdir"]] = (timing.time_runners(ctx["runners"], sets, bk),
-                                                              list(ctx["base_notes"]))
+                base_notes = list(ctx["base_notes"])
+                cached = self.baseline_cache[ctx["pdir"]] = (timing.time_runners(ctx["runners"], sets, bk, base_notes),
+                                                              base_notes)
             base, notes = cached[0], list(cached[1])
             if ctx["flex_in_parent"]:
                 notes.append("flex: the variant's callable is not importable in the worker")
