@@ -134,8 +134,25 @@ def flex_peer(variant, q, k, v, scale):
     return lambda q, k, v: fx(q, k, v, score_mod=sm, block_mask=bm, scale=scale, enable_gqa=gqa)
 
 
-def bench(fn, sets, warmup=10, rep=50) -> float:
+TIMING = {"mode": "do_bench", "rep_ms": 50.0}  # set from --timing / --rep-ms in main()
+LAST: dict = {}  # "protocol2": the last bench() call's protocol-2 ms under --timing both
+
+
+def bench(fn, sets, warmup=10, rep=None) -> float:
+    """Median ms. ``--timing do_bench`` (default): ``triton.testing.do_bench``; ``protocol2``: the
+    verifier's ``timing.bench`` (calls queued behind a spin kernel), what searches and
+    bench_variants.py use; ``both``: do_bench's number, protocol 2's (timed just before) in
+    ``LAST["protocol2"]``, so one run shows whether the two disagree on the same kernel."""
     import triton
+
+    rep = TIMING["rep_ms"] if rep is None else rep
+    if TIMING["mode"] in ("protocol2", "both"):
+        from torch_r1attn.verify.timing import bench as protocol_bench
+
+        p2 = float(protocol_bench(lambda q, k, v, o: fn(q, k, v, o), sets, warmup_ms=warmup, rep_ms=rep)["median_ms"])
+        if TIMING["mode"] == "protocol2":
+            return p2
+        LAST["protocol2"] = p2
 
     it = [0]
 
@@ -171,9 +188,13 @@ def main() -> int:
     ap.add_argument("--no-flex", action="store_true", help="skip the FlexAttention peer (saves compile time)")
     ap.add_argument("--budget-s", type=float, default=430.0, help="stop trying configs after this many seconds")
     ap.add_argument("--dry-run", action="store_true", help="generate every source (CPU ok), run nothing")
+    ap.add_argument("--timing", choices=("do_bench", "protocol2", "both"), default="do_bench",
+                    help="how each config and peer is timed (both: protocol 2 and do_bench, back to back)")
+    ap.add_argument("--rep-ms", type=float, default=50.0, help="timed window per config (ms)")
     ap.add_argument("--ab", default="", help="a boolean template knob: time each config with it off and on")
     args = ap.parse_args()
     n_cfg = 2 if args.quick else args.configs
+    TIMING.update(mode=args.timing, rep_ms=args.rep_ms)
     out_dir = Path(os.environ.get("OUT") or "bench_out")
     out_dir.mkdir(parents=True, exist_ok=True)
     device = "cuda" if torch.cuda.is_available() and not args.dry_run else "cpu"
@@ -241,27 +262,35 @@ def main() -> int:
                     row.update(err=err, bound=bound, ok=bool(err <= bound))
                     if row["ok"]:
                         row["ms"] = bench(lambda q, k, v, o: kern(q, k, v, o, scale, **vt), sets)
+                        if args.timing == "both":
+                            row["ms_protocol2"] = LAST["protocol2"]
                 except Exception as e:  # a config that does not compile/run is a data point
                     row.update(ok=False, error=f"{type(e).__name__}: {str(e)[:300]}")
                 results.append(row)
                 short = {k: cand.config[k] for k in ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages")}
                 flags = [k for k in ("branch_mask", "fold_scale", "tma", "warp_specialize") if cand.config.get(k)]
-                print(f"  {name:24s} cfg{i} {short} {flags} ok={row.get('ok')} ms={row.get('ms', float('nan')):.3f} "
+                p2 = f" p2={row['ms_protocol2']:.3f}" if "ms_protocol2" in row else ""
+                print(f"  {name:24s} cfg{i} {short} {flags} ok={row.get('ok')} ms={row.get('ms', float('nan')):.3f}{p2} "
                       f"err={row.get('err', float('nan')):.2e} {row.get('error', '')[:80]}")
             peers = {}
             sp = sdpa_peer(name, variant, q, k, v, scale)
             if sp is not None:
                 peers["sdpa"] = bench(lambda q, k, v, o: sp(q, k, v), sets)
+                if args.timing == "both":
+                    peers["sdpa_protocol2"] = LAST["protocol2"]
             if not args.no_flex:
                 try:
                     fp = flex_peer(variant, q, k, v, scale)
                     fp(q, k, v)
                     peers["flex"] = bench(lambda q, k, v, o: fp(q, k, v), sets)
+                    if args.timing == "both":
+                        peers["flex_protocol2"] = LAST["protocol2"]
                 except Exception as e:  # report, keep going: the other peer still counts
                     print(f"  flex peer failed for {name}: {type(e).__name__}: {str(e)[:200]}")
             good = [r for r in results if r.get("ok") and "ms" in r]
             best = min(good, key=lambda r: r["ms"]) if good else None
-            peer_name, peer_ms = (min(peers.items(), key=lambda t: t[1]) if peers else (None, None))
+            main_peers = {k: v for k, v in peers.items() if not k.endswith("_protocol2")}
+            peer_name, peer_ms = (min(main_peers.items(), key=lambda t: t[1]) if main_peers else (None, None))
             summary = {
                 "anchor": anchor, "variant": name, "shape": [B, Hq, Hkv, Sq, Sk, D], "gpu": gpu,
                 "torch": torch.__version__, "best_config": best["config"] if best else None,
