@@ -158,6 +158,40 @@ def test_branch_mask_and_split_loops_agree(tmp_path, variant):
     torch.testing.assert_close(outs[0], outs[1], atol=2e-3, rtol=0)
 
 
+PIPE = {"pipeline_qk": True}
+
+
+@pytest.mark.parametrize("config", [{**CFG_A, **PIPE}, {**CFG_C, **PIPE}, {**CFG_B, "split_loop": True, **PIPE}],
+                         ids=["m16n16", "m16n32", "m32n16-exp-fold"])
+@pytest.mark.parametrize("variant", ["full", "causal", "prefix_lm", "sliding_window+softcap", "causal+alibi",
+                                     "causal+document", "relative_bias_h+causal", "dense_bias_q+causal",
+                                     "score_mod", "softcap+alibi+causal_br"])
+def test_pipelined_interior_matches_reference(tmp_path, variant, config):
+    """The interior loop with the next tile's Q.K^T issued first: every variant, with runs of
+    zero, one and many fully-allowed tiles (Sq=17, Sk=33 and the prefix's long run)."""
+    run_case(tmp_path, VARIANTS[variant], config=config, name="pipe")
+
+
+@pytest.mark.parametrize("Sq,Sk", [(1, 70), (40, 40), (64, 64), (23, 90)])
+def test_pipelined_interior_run_lengths(tmp_path, Sq, Sk):
+    """Interior runs of every length, including none (Sq=1 decode-like) and exactly one tile."""
+    for var in (V.full(), V.causal("bottom_right"), V.prefix_lm(20)):
+        run_case(tmp_path, var, Sq=Sq, Sk=Sk, config={**CFG_A, **PIPE}, name="piperun")
+
+
+def test_pipelined_interior_code_and_validation():
+    prob = make_problem(V.causal(), 1, 2, 1, 64, 64, 16, 16, torch.float16)
+    src = generate_source(prob, {**CFG_A, **PIPE})
+    interior = src.split("# fully-allowed interior blocks")[1].split("# boundary blocks after it")[0]
+    assert "qk_next = tl.dot(q, tl.trans(k_next)" in interior and interior.index("qk_next =") < interior.index("m_new")
+    with pytest.raises(ValueError, match="pipeline_qk"):
+        normalize_config(prob, {"pipeline_qk": True, "split_loop": False})
+    assert not normalize_config(prob, {"pipeline_qk": False, "branch_mask": True})["pipeline_qk"]
+    # not yet measured: never proposed as a neighbour
+    from torch_r1attn.search.templates import _neighbours
+    assert not any(c["pipeline_qk"] for c in _neighbours(prob, normalize_config(prob, {})))
+
+
 def _square_mod(score, b, h, q_idx, kv_idx):
     return score * score * 0.1
 
@@ -390,7 +424,9 @@ def test_gpu_real_shapes(tmp_path, name, dtype, D):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("cfg", [{}, {"tma": True}, {"tma": True, "warp_specialize": True, "num_warps": 8},
-                                 {"warp_specialize": True, "BLOCK_M": 128, "num_warps": 8}, {"fold_scale": True}])
+                                 {"warp_specialize": True, "BLOCK_M": 128, "num_warps": 8}, {"fold_scale": True},
+                                 {"pipeline_qk": True}, {"pipeline_qk": True, "tma": True},
+                                 {"pipeline_qk": True, "BLOCK_M": 128, "num_warps": 8}])
 def test_gpu_gqa_and_hopper_knobs(tmp_path, cfg):
     run_case(tmp_path, V.causal(), B=2, Hq=8, Hkv=2, Sq=1000, Sk=1000, D=128, dtype=torch.bfloat16, config=cfg,
              device="cuda", check_dtype=torch.float32)

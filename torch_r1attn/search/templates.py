@@ -30,6 +30,9 @@ Knobs (keys of ``config``)::
     fast_tanh        tanh.approx.f32 inline asm (CUDA only; soft-cap and traced tanh)
     tma              Hopper tensor descriptors (``tl.make_tensor_descriptor``) for Q/K/V/O
     warp_specialize  ``tl.range(..., warp_specialize=True)`` on the kv loop
+    pipeline_qk      the fully-allowed run issues tile j+1's Q·K^T before tile j's softmax
+                     (FA3's intra-warpgroup overlap written out; needs split_loop, no branch_mask).
+                     Not yet measured on the H200: the search does not try it on its own
     num_splits       decode: kv splits (0 = enough to fill the GPU twice)
 
 The Hopper knobs and ``fast_tanh`` default off on the CPU and are searched on CUDA only
@@ -68,9 +71,13 @@ KNOB_VALUES: dict[str, tuple] = {
     "fast_tanh": (True, False),
     "tma": (False, True),
     "warp_specialize": (False, True),
+    "pipeline_qk": (False, True),
     "num_splits": (0, 1, 2, 4, 8, 16, 32),
 }
 _CUDA_ONLY = ("fast_tanh", "tma", "warp_specialize")
+# knobs not yet timed on the H200: only an explicit config turns them on (tune_templates --ab),
+# the neighbour search leaves them alone until a measurement says they pay
+_UNMEASURED = ("pipeline_qk",)
 
 
 # ------------------------------------------------------------------------------------ configs
@@ -104,7 +111,7 @@ def default_config(problem: Problem) -> dict[str, Any]:
         "path": "decode" if decode else "prefill",
         "exp2": True, "fold_scale": False, "split_loop": True, "branch_mask": False,
         "reverse_m": _causal_like(problem.variant),
-        "fast_tanh": not cpu, "tma": False, "warp_specialize": False, "num_splits": 0,
+        "fast_tanh": not cpu, "tma": False, "warp_specialize": False, "pipeline_qk": False, "num_splits": 0,
     }
     if cpu:
         cfg.update(BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=1)
@@ -165,6 +172,11 @@ def normalize_config(problem: Problem, config: dict[str, Any] | None) -> dict[st
         cfg["tma"] = cfg["warp_specialize"] = False  # the decode kernel gathers rows across heads
     if not cfg["split_loop"]:
         cfg["branch_mask"] = False  # one masked loop has no boundary to branch on
+    if cfg["pipeline_qk"] and (not cfg["split_loop"] or cfg["branch_mask"]):
+        if (config or {}).get("pipeline_qk"):
+            raise ValueError("template knob pipeline_qk=True needs split_loop=True and branch_mask=False "
+                             "(it pipelines the separate fully-allowed loop)")
+        cfg["pipeline_qk"] = False
     if cfg["warp_specialize"] and cfg["num_warps"] < 8 and not _is_cpu(problem):
         # Triton 3.6's NVGPUWarpSpecialization pass fails on this kernel below 8 warps ("scf.for op
         # destroyed but still has uses", H200, rounds 1-3 and the 2026-11-29 GPU test run)
@@ -227,32 +239,33 @@ def _mask_lines(vc: VariantCode, mode: str) -> list[str]:
     return ["allowed = " + " & ".join(f"({c})" for c in conds)] + vc.lines("mask")
 
 
-def _loop(kind: str, start: str, end: str, mode: str, cfg: dict[str, Any], vc: VariantCode,
-          score: list[str], even_d: bool, even_dv: bool, prec: str) -> list[str]:
-    masked = mode != "none"
-    ws = ", warp_specialize=True" if cfg["warp_specialize"] else ""
-    rng = f"tl.range({start}, {end}, BLOCK_N{ws})" if ws else f"range({start}, {end}, BLOCK_N)"
+def _ldmask(*ms) -> str:
+    ms = [m for m in ms if m]
+    return f", mask={' & '.join(f'({m})' for m in ms)}, other=0.0" if ms else ""
+
+
+def _kv_lines(idx: str) -> list[str]:
+    """The tile's key positions (``idx``: its first key) and their bounds."""
+    return [f"kv_idx = {idx} + offs_n", "kv_r = kv_idx[None, :]", "kv_ok = kv_idx < Sk", "kv_ok_r = kv_ok[None, :]"]
+
+
+def _k_lines(kind: str, cfg: dict[str, Any], at: str, rows: str, masked: bool, even_d: bool,
+             dst: str = "k") -> list[str]:
+    """Load the K tile whose first key is ``at`` (row positions ``rows``) into ``dst``."""
     dm = "" if even_d else "offs_d[None, :] < D"
-    dvm = "" if even_dv else "offs_dv[None, :] < DV"
-
-    def mask(*ms):
-        ms = [m for m in ms if m]
-        return f", mask={' & '.join(f'({m})' for m in ms)}, other=0.0" if ms else ""
-
-    ex = "tl.exp2" if cfg["exp2"] else "tl.exp"
-    body = [
-        "kv_idx = start_n + offs_n",
-        "kv_r = kv_idx[None, :]",
-        "kv_ok = kv_idx < Sk",
-        "kv_ok_r = kv_ok[None, :]",
-    ]
+    plain = (f"{dst} = tl.load(k_base + {rows}[:, None] * skn + offs_d[None, :] * skd"
+             f"{_ldmask(f'{rows}[:, None] < Sk' if masked else '', dm)})")
     if kind == "prefill" and cfg["tma"]:
-        body += ["if USE_TMA:", "    k = k_desc.load([start_n, 0])", "else:",
-                 f"    k = tl.load(k_base + kv_idx[:, None] * skn + offs_d[None, :] * skd{mask('kv_ok[:, None]' if masked else '', dm)})"]
-    else:
-        body.append(f"k = tl.load(k_base + kv_idx[:, None] * skn + offs_d[None, :] * skd{mask('kv_ok[:, None]' if masked else '', dm)})")
-    body.append(f"qk = tl.dot(q, tl.trans(k){prec})")
-    body.append("s = qk" if cfg["fold_scale"] else "s = qk * qk_mul")
+        return ["if USE_TMA:", f"    {dst} = k_desc.load([{at}, 0])", "else:", "    " + plain]
+    return [plain]
+
+
+def _softmax_pv_lines(kind: str, mode: str, cfg: dict[str, Any], vc: VariantCode, score: list[str],
+                      even_dv: bool, prec: str, qk: str = "qk") -> list[str]:
+    """From the tile's raw scores ``qk`` (kv_idx set) to the updated m_i, l_i and acc."""
+    masked = mode != "none"
+    ex = "tl.exp2" if cfg["exp2"] else "tl.exp"
+    body = ["s = " + qk if cfg["fold_scale"] else f"s = {qk} * qk_mul"]
     body += score
     if mode == "branch":
         # f0 / f1 are uniform per program: the branch does not diverge within a warp
@@ -270,13 +283,46 @@ def _loop(kind: str, start: str, end: str, mode: str, cfg: dict[str, Any], vc: V
         "l_i = l_i * alpha + tl.sum(p, 1)",
         "acc = acc * alpha[:, None]",
     ]
-    vload = f"v = tl.load(v_base + kv_idx[:, None] * svn + offs_dv[None, :] * svd{mask('kv_ok[:, None]' if masked else '', dvm)})"
+    dvm = "" if even_dv else "offs_dv[None, :] < DV"
+    vload = (f"v = tl.load(v_base + kv_idx[:, None] * svn + offs_dv[None, :] * svd"
+             f"{_ldmask('kv_ok[:, None]' if masked else '', dvm)})")
     if kind == "prefill" and cfg["tma"]:
-        body += ["if USE_TMA:", "    v = v_desc.load([start_n, 0])", "else:", "    " + vload]
+        body += ["if USE_TMA:", "    v = v_desc.load([kv_idx0, 0])", "else:", "    " + vload]
     else:
         body.append(vload)
     body += [f"acc = tl.dot(p.to(v.dtype), v, acc{prec})", "m_i = m_new"]
+    return body
+
+
+def _loop(kind: str, start: str, end: str, mode: str, cfg: dict[str, Any], vc: VariantCode,
+          score: list[str], even_d: bool, even_dv: bool, prec: str) -> list[str]:
+    masked = mode != "none"
+    ws = ", warp_specialize=True" if cfg["warp_specialize"] else ""
+    rng = f"tl.range({start}, {end}, BLOCK_N{ws})" if ws else f"range({start}, {end}, BLOCK_N)"
+    body = ["kv_idx0 = start_n"] + _kv_lines("start_n")
+    body += _k_lines(kind, cfg, "start_n", "kv_idx", masked, even_d)
+    body.append(f"qk = tl.dot(q, tl.trans(k){prec})")
+    body += _softmax_pv_lines(kind, mode, cfg, vc, score, even_dv, prec)
     return [f"for start_n in {rng}:"] + _indent(body, 4)
+
+
+def _pipelined_interior(kind: str, cfg: dict[str, Any], vc: VariantCode, score: list[str], even_d: bool,
+                        even_dv: bool, prec: str) -> list[str]:
+    """The fully-allowed run [f0, f1) with the next tile's Q·K^T issued before this tile's
+    softmax (FlashAttention-3's intra-warpgroup overlap, written out): the asynchronous wgmma of
+    tile j+1 can run while the exp2s of tile j do. Two score tiles are live instead of one."""
+    out = ["if f0 < f1:"]
+    b = _k_lines(kind, cfg, "f0", "(f0 + offs_n)", False, even_d)
+    b.append(f"qk = tl.dot(q, tl.trans(k){prec})")
+    loop = _k_lines(kind, cfg, "start_n", "(start_n + offs_n)", False, even_d, dst="k_next")
+    loop.append(f"qk_next = tl.dot(q, tl.trans(k_next){prec})")
+    loop += ["kv_idx0 = start_n - BLOCK_N"] + _kv_lines("kv_idx0")
+    loop += _softmax_pv_lines(kind, "none", cfg, vc, score, even_dv, prec)
+    loop.append("qk = qk_next")
+    b += ["for start_n in range(f0 + BLOCK_N, f1, BLOCK_N):"] + _indent(loop, 4)
+    b += ["kv_idx0 = f1 - BLOCK_N"] + _kv_lines("kv_idx0")
+    b += _softmax_pv_lines(kind, "none", cfg, vc, score, even_dv, prec)
+    return out + _indent(b, 4)
 
 
 # Loops: [lo, f0) all masks, [f0, f1) none, [f1, hi) upper bounds only (kv >= f1 > f0 >= flo,
@@ -308,7 +354,10 @@ def _loops(kind, cfg, vc, score, even_d, even_dv, prec) -> list[str]:
         out += ["# boundary blocks before the fully-allowed run (every mask)"]
         out += _loop(kind, "lo", "f0", "all", cfg, vc, score, even_d, even_dv, prec)
         out += ["# fully-allowed interior blocks: no per-element mask"]
-        out += _loop(kind, "f0", "f1", "none", cfg, vc, score, even_d, even_dv, prec)
+        if cfg["pipeline_qk"]:
+            out += _pipelined_interior(kind, cfg, vc, score, even_d, even_dv, prec)
+        else:
+            out += _loop(kind, "f0", "f1", "none", cfg, vc, score, even_d, even_dv, prec)
         out += ["# boundary blocks after it (upper bounds only; includes the kv edge)"]
         out += _loop(kind, "f1", "hi", "upper", cfg, vc, score, even_d, even_dv, prec)
     else:
@@ -795,7 +844,7 @@ def _neighbours(problem: Problem, cfg: dict[str, Any]) -> list[dict[str, Any]]:
     cpu = _is_cpu(problem)
     out = []
     for k, vals in KNOB_VALUES.items():
-        if k == "path" or (cpu and k in _CUDA_ONLY):
+        if k == "path" or k in _UNMEASURED or (cpu and k in _CUDA_ONLY):
             continue
         if cpu and k in ("BLOCK_M", "BLOCK_N"):
             vals = (16, 32)
