@@ -7,6 +7,10 @@
 #   step=e2e     prewarm a Llama- and a Gemma-2-shaped model, then a fresh
 #                process with zero misses and its forward time vs sdpa       (~5 min)
 #   step=multi   all-GPU vs single-GPU prewarm of the same 8 Llama signatures (nvidia-h200-x2, ~8 min)
+#   step=shapes  step=bench for each of shapes="A B ..." at once, one GPU each (needs that many
+#                GPUs; one tgz + md per shape in $OUT)                      (~8 min)
+#   step=probe   tune_templates A/B of knob=... (default pipeline_qk), every config and peer
+#                timed by do_bench and protocol 2, at rep=50 and rep=300 ms (~3 min)
 # Steps can share the machine (one per GPU with CUDA_VISIBLE_DEVICES, each its own OUT); cache=DIR
 # keeps one cache across steps (e.g. phase=prewarm on one GPU, later phase=run).
 set -euo pipefail
@@ -51,6 +55,27 @@ case "${step:-tests}" in
     [ -z "${overhead:-}" ] || timeout 90 python3 benchmarks/dispatch_overhead.py $overhead 2>&1 | tail -3
     python3 -m torch_r1attn.cli cache ls > "$OUT/cache_ls.txt" 2>&1 || true
     save_reports ;;
+  shapes)
+    i=0
+    for sh in ${shapes:?shapes="B4_H32_S4096_D128 ..."}; do
+      mkdir -p "$OUT/$sh"
+      (CUDA_VISIBLE_DEVICES=$i OUT="$OUT/$sh" step=bench shape=$sh gpus=0 TRITON_CACHE_DIR=/tmp/tc_$i \
+         bash "$0" > "$OUT/$sh/run.out" 2>&1) &
+      i=$((i + 1))
+    done
+    wait
+    for sh in $shapes; do
+      cp "$OUT/$sh"/variants_*.md "$OUT/$sh.md" 2>/dev/null || true
+      tar czf "$OUT/$sh.tgz" -C "$OUT" "$sh" && rm -rf "${OUT:?}/$sh"
+    done
+    cat "$OUT"/*.md ;;
+  probe)
+    for rep in 50 300; do
+      OUT=$OUT/probe_rep$rep timeout ${t_probe:-150} python3 benchmarks/tune_templates.py --configs ${configs:-2} \
+        --ab ${knob:-pipeline_qk} --timing both --rep-ms $rep \
+        --variants ${variants:-sliding_window,alibi_causal,prefix_lm,document_causal} 2>&1 \
+        | tee "$OUT/probe_rep$rep.log" | grep -E "cfg|^S" || true
+    done ;;
   multi)
     # a Llama-shaped model, 4 prompt lengths x (prefill, decode) = 8 signatures, searched with
     # --gpus all and with --gpus 0, each into a fresh cache; the verdicts must agree
