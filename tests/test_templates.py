@@ -459,3 +459,25 @@ def test_static_checker_accepts_every_template():
             assert check_source(src, "triton") == [], (name, cfg)
         src = generate_source(make_problem(var, 1, 4, 1, 2, 33, 16, 16, torch.float16), {})  # decode
         assert check_source(src, "triton") == [], (name, "decode")
+
+
+def test_d64_round_one_follows_the_h200_searches():
+    """At D=64 the first wave (4 workers) holds the configs that won session 5's B8 S2048 D64
+    searches: M64 N64 w4 s4 first, M128 N64 w8 s3 for ALiBi / soft-cap / prefix-LM, M128 N32
+    w4 s4 for documents; the slow shapes (M128 N128 w8, M256, tma) come last. Plain causal keeps
+    its list (cuDNN wins it)."""
+    from torch_r1attn.search.templates import _spread
+
+    def short(c):
+        return (c["BLOCK_M"], c["BLOCK_N"], c["num_warps"], c["num_stages"], c["tma"])
+
+    def spread(var):
+        return [short(c) for c in _spread(make_problem(var, 8, 32, 32, 2048, 2048, 64, 64, torch.bfloat16, "cuda"))]
+
+    for var in (V.sliding_window(1024), V.causal() + V.alibi(32), V.prefix_lm(512)):
+        sp = spread(var)
+        assert sp[0] == (64, 64, 4, 4, False) and (128, 64, 8, 3, False) in sp[:4]
+        assert all(c in sp[-4:] for c in [(128, 128, 8, 3, False), (256, 64, 8, 3, False), (64, 64, 4, 4, True)])
+    doc = spread(V.causal() + V.document(torch.arange(2048) // 256))
+    assert doc[0] == (64, 64, 4, 4, False) and (128, 32, 4, 4, False) in doc[:4]
+    assert spread(V.causal())[0] == (128, 64, 4, 3, False)

@@ -125,11 +125,17 @@ def default_config(problem: Problem) -> dict[str, Any]:
         cfg.update(BLOCK_M=min(128, _pow2_at_least(spec.gqa * spec.sq_bucket)),
                    BLOCK_N=64 if d > 128 else 128, num_warps=4, num_stages=3)
         return cfg
-    kind = _kind_d128(problem.variant)
+    kind = _variant_kind(problem.variant)
     if spec.dtype == "fp32":
         cfg.update(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2)
     elif d <= 64:
         cfg.update(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3)
+        if kind != "dense":
+            # H200 session 5 (B8 S2048 D64 searches, results/bench_H200_S2048_D64_session5_all.tgz):
+            # M64 N64 w4 s4 was first or second of 8 configs on every structured variant; the old
+            # first guess M128 N64 w4 s3 never won (sliding window 0.342 vs 0.359 ms, relative
+            # bias 0.701 vs 0.847, documents 0.300 vs 0.305)
+            cfg.update(BLOCK_M=64, num_stages=4)
     elif d <= 128:
         # Triton tutorial 06 (H100, D=128 fp16): BLOCK_M=128, BLOCK_N=64..128, 8 warps, 3 stages
         # (plain full / causal: SDPA's cuDNN kernel wins there anyway)
@@ -780,9 +786,7 @@ def _spread(problem: Problem) -> list[dict[str, Any]]:
             over = [{}, {"BLOCK_M": 32}, {"BLOCK_N": 64}, {"num_stages": 3}, {"BLOCK_M": 128, "num_warps": 8},
                     {"num_warps": 8}]
         elif d <= 64:
-            over = [{}, {"BLOCK_N": 128, "num_warps": 8}, {"BLOCK_M": 64, "num_stages": 4}, {"tma": True},
-                    {"num_warps": 8}, {"fold_scale": True}, {"BLOCK_N": 32, "num_stages": 4},
-                    {"warp_specialize": True}, {"BLOCK_M": 256, "num_warps": 8}, {"num_stages": 2}]
+            over = _spread_d64(problem.variant)
         elif d <= 128:
             over = _spread_d128(problem.variant)
         else:
@@ -800,8 +804,9 @@ def _spread(problem: Problem) -> list[dict[str, Any]]:
     return out
 
 
-def _kind_d128(variant: V.Variant) -> str:
-    """Which round-one list fits: "dense" (full / causal only), "doc", "relbias" or "other"."""
+def _variant_kind(variant: V.Variant) -> str:
+    """Which round-one list fits (D <= 64 and D <= 128): "dense" (full / causal only), "doc",
+    "relbias" or "other"."""
     parts = variant.parts
     if any(isinstance(p, V.Document) for p in parts):
         return "doc"
@@ -810,6 +815,31 @@ def _kind_d128(variant: V.Variant) -> str:
     if all(isinstance(p, V.Causal) for p in parts):
         return "dense"
     return "other"
+
+
+def _spread_d64(variant: V.Variant) -> list[dict[str, Any]]:
+    """Round one at D <= 64 (fp16/bf16), as overrides of :func:`default_config`, best guesses
+    first. Plain full / causal keep round 1's list (cuDNN wins them). Structured variants follow
+    the H200 session-5 searches at B8 S2048 D64 (8 configs each, protocol 2): from the new
+    default M64 N64 w4 s4, M128 N64 w8 s3 won prefix-LM / ALiBi / soft-cap (0.403 / 0.423 /
+    0.486 ms), M128 N32 w4 s4 won documents (0.293); M128 N128 w8, M256 N64 w8 and tma were slow
+    everywhere (+10-40%), so they come last."""
+    kind = _variant_kind(variant)
+    if kind == "dense":
+        return [{}, {"BLOCK_N": 128, "num_warps": 8}, {"BLOCK_M": 64, "num_stages": 4}, {"tma": True},
+                {"num_warps": 8}, {"fold_scale": True}, {"BLOCK_N": 32, "num_stages": 4},
+                {"warp_specialize": True}, {"BLOCK_M": 256, "num_warps": 8}, {"num_stages": 2}]
+    m128w8 = {"BLOCK_M": 128, "num_warps": 8, "num_stages": 3}
+    late = [{"BLOCK_M": 128, "num_stages": 3}, {"tma": True}, {"BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 8, "num_stages": 3},
+            {"BLOCK_M": 256, "num_warps": 8, "num_stages": 3}]
+    if kind == "doc":
+        return [{}, {"BLOCK_M": 128, "BLOCK_N": 32}, {"BLOCK_N": 32}, m128w8, {"num_stages": 3},
+                {"fold_scale": True}] + late
+    if kind == "relbias":  # fold_scale is the default for relative bias
+        return [{}, {"tma": True}, m128w8, {"num_stages": 3}, {"BLOCK_N": 32}, {"BLOCK_M": 128, "tma": True,
+                "num_stages": 3}] + late
+    return [{}, m128w8, {"BLOCK_N": 32}, {"fold_scale": True}, {"num_stages": 3},
+            {**m128w8, "fold_scale": True}] + late
 
 
 def _spread_d128(variant: V.Variant) -> list[dict[str, Any]]:
@@ -822,7 +852,7 @@ def _spread_d128(variant: V.Variant) -> list[dict[str, Any]]:
     left to later rounds); warp_specialize compiled and tied at w8, failed to compile at w4.
     Round 3 (this list's first version): tma at M64 won soft-cap / prefix-LM / relative bias by
     0-3% (within run-to-run noise, which reached 8% between machines), N32 won documents."""
-    kind = _kind_d128(variant)
+    kind = _variant_kind(variant)
     m128 = {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 3}
     late = [{"BLOCK_N": 128, "num_stages": 2}, {"num_stages": 4}, {"split_loop": False}]
     if kind == "dense":
