@@ -20,7 +20,9 @@ from .variants import Variant
 # verifier measuring its speed ceilings under load could reject every fast kernel as implausible
 # 0.1.2: timing protocol 2 (the GPU held while the host queues timed reps): entries timed under
 # protocol 1 are misses (cache.TIMING_PROTOCOL)
-__version__ = "0.1.2"
+# 0.1.3: searches time on the caller's own documents / dense masks (a negative decided on a random
+# layout may be wrong for the real one) and D<=64 has a new round one: 0.1.2's negatives are misses
+__version__ = "0.1.3"
 __all__ = ["attention", "R1Attention", "variants", "Variant", "__version__"]
 
 _logging.getLogger(__name__).addHandler(_logging.NullHandler())
