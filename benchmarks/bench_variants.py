@@ -43,7 +43,8 @@ from torch_r1attn.reference import eager_attention  # noqa: E402
 from torch_r1attn.spec import AttentionSpec, length_bucket  # noqa: E402
 
 from benchmarks.common import (  # noqa: E402
-    SHAPES, allowed_fraction, bench, bench_gpu, effective_tflops, environment, make_inputs, out_dir, suite, write_json,
+    SHAPES, allowed_fraction, bench, bench_gpu, effective_tflops, environment, interleaved_host_us, make_inputs,
+    out_dir, suite, write_json,
 )
 
 log = logging.getLogger("bench_variants")
@@ -160,35 +161,28 @@ def dispatch_overhead(c) -> dict | None:
     kern, tens = entry.kernel, c.variant.tensors()
     out = torch.empty_like(q)
     scale = 1 / math.sqrt(c.D)
-    n = 2000
-
-    def host_us(fn):
-        for _ in range(50):
-            fn()
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        for _ in range(n):
-            fn()
-        t1 = time.perf_counter()
-        torch.cuda.synchronize()
-        return (t1 - t0) / n * 1e6
-
-    direct = host_us(lambda: kern.fn(q, k, v, out, scale, **tens))
-    # where the rest goes: the output allocation every attention call pays (SDPA too), then
-    # dispatch.forward with the table key known (the front end's validation memo skipped)
-    direct_alloc = host_us(lambda: kern.fn(q, k, v, torch.empty_like(q), scale, **tens))
     key = dispatch.table_key(q, k, v, c.variant)
-    fwd = host_us(lambda: dispatch.forward(q, k, v, c.variant, scale, c.enable_gqa, 0.0, None, key))
-    via = host_us(lambda: r1.attention(q, k, v, enable_gqa=c.enable_gqa, variant=c.variant))
-    sdpa = None
+    fns = {
+        "direct": lambda: kern.fn(q, k, v, out, scale, **tens),
+        # where the rest goes: the output allocation every attention call pays (SDPA too), then
+        # dispatch.forward with the table key known (the front end's validation memo skipped)
+        "direct_alloc": lambda: kern.fn(q, k, v, torch.empty_like(q), scale, **tens),
+        "forward": lambda: dispatch.forward(q, k, v, c.variant, scale, c.enable_gqa, 0.0, None, key),
+        "r1": lambda: r1.attention(q, k, v, enable_gqa=c.enable_gqa, variant=c.variant),
+    }
     if fallback.sdpa_expressible(c.variant) and c.variant.tensors() == {}:
         mask, is_causal = fallback.sdpa_inputs(c.variant, c.B, c.Hq, c.Sq, c.Sk, q.dtype, q.device)
         if mask is None:  # the host cost of the call users would otherwise make
-            sdpa = host_us(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=is_causal,
-                                                                  enable_gqa=c.enable_gqa))
+            fns["sdpa"] = lambda: F.scaled_dot_product_attention(q, k, v, is_causal=is_causal, enable_gqa=c.enable_gqa)
+    # interleaved rounds, paired differences: the host's slow spells fall on every path alike
+    # (one-shot means of 2000 calls each gave 4-30 us for the same code in session 5)
+    m = interleaved_host_us(fns, rounds=15, calls=300, sync=torch.cuda.synchronize)
+    direct, direct_alloc, fwd, via = (m[n]["median"] for n in ("direct", "direct_alloc", "forward", "r1"))
+    sdpa = m["sdpa"]["median"] if "sdpa" in m else None
     return {"variant": c.name, "shape": [c.B, c.Hq, c.Sq, c.D], "direct_us": round(direct, 2),
             "direct_with_alloc_us": round(direct_alloc, 2), "dispatch_forward_us": round(fwd, 2),
-            "r1_us": round(via, 2), "overhead_us": round(via - direct, 2),
+            "r1_us": round(via, 2), "overhead_us": round(m["r1-direct"]["median"], 2),
+            "overhead_p20_p80_us": [round(m["r1-direct"]["p20"], 2), round(m["r1-direct"]["p80"], 2)],
             "overhead_over_alloc_us": round(via - direct_alloc, 2),
             "sdpa_us": None if sdpa is None else round(sdpa, 2)}
 
@@ -330,13 +324,15 @@ def render(rows, overhead, env) -> str:
             gm = math.exp(sum(math.log(x) for x in rs) / len(rs))
             lines.append(f"\n{shape}: geometric mean over the six structured variants: {gm:.3f}x ({len(rs)} rows)")
     if overhead:
-        lines += ["", "Dispatch overhead (cache hit, host µs per call):", "",
+        lines += ["", "Dispatch overhead (cache hit, host µs per call; medians of 15 interleaved rounds, overhead = "
+              "median of the per-round differences r1 - direct):", "",
                   "| variant | kernel direct µs | + output alloc µs | dispatch.forward µs | r1.attention µs "
-                  "| overhead µs (over alloc) | SDPA µs |", "|---|---|---|---|---|---|---|"]
+                  "| overhead µs (p20-p80) (over alloc) | SDPA µs |", "|---|---|---|---|---|---|---|"]
         for o in overhead:
             lines.append(f"| {o.get('variant')} | {o.get('direct_us')} | {o.get('direct_with_alloc_us')} | "
                          f"{o.get('dispatch_forward_us')} | {o.get('r1_us')} | "
-                         f"{o.get('overhead_us', o.get('error'))} ({o.get('overhead_over_alloc_us')}) | "
+                         f"{o.get('overhead_us', o.get('error'))} {o.get('overhead_p20_p80_us', '')} "
+                         f"({o.get('overhead_over_alloc_us')}) | "
                          f"{o.get('sdpa_us')} |")
     return "\n".join(lines) + "\n"
 

@@ -105,6 +105,48 @@ def effective_tflops(c: Case, ms: float, frac: float) -> float:
     return flops / (ms * 1e-3) / 1e12
 
 
+def interleaved_host_us(fns: dict[str, Callable[[], object]], rounds: int = 15, calls: int = 300,
+                        sync: Callable[[], None] | None = None, warmup: int = 50) -> dict[str, dict[str, float]]:
+    """Host µs per call of each of ``fns``, measured in ``rounds`` interleaved rounds (the order
+    rotates every round) of ``calls`` calls each, so a slow spell of the host (another process
+    compiling, say) lands on every function alike instead of on whichever ran then.
+
+    Returns ``{name: {"median": µs, "p20": µs, "p80": µs}}`` over the rounds, plus for every
+    name after the first ``"<name>-<first>"``: the median of the per-round differences (what the
+    first one does not cost), which cancels the drift that a difference of medians keeps."""
+    import statistics
+    import time as _time
+
+    names = list(fns)
+    if not names or rounds < 1 or calls < 1:
+        raise ValueError("interleaved_host_us needs at least one function, one round and one call")
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    if sync:
+        sync()
+    per: dict[str, list[float]] = {n: [] for n in names}
+    for r in range(rounds):
+        order = names[r % len(names):] + names[: r % len(names)]
+        for n in order:
+            fn = fns[n]
+            t0 = _time.perf_counter()
+            for _ in range(calls):
+                fn()
+            per[n].append((_time.perf_counter() - t0) / calls * 1e6)
+            if sync:
+                sync()  # the GPU's queue drained: the next function starts from the same state
+
+    def q(xs: list[float]) -> dict[str, float]:
+        qs = statistics.quantiles(xs, n=5) if len(xs) >= 5 else [min(xs)] * 4
+        return {"median": statistics.median(xs), "p20": qs[0], "p80": qs[-1]}
+
+    out = {n: q(per[n]) for n in names}
+    for n in names[1:]:
+        out[f"{n}-{names[0]}"] = q([a - b for a, b in zip(per[n], per[names[0]])])
+    return out
+
+
 def bench_gpu(fn: Callable, sets: list, warmup_ms: float = 50, rep_ms: float = 300) -> float:
     """Median GPU ms of ``fn(*inputs)`` under the verifier's timing protocol 2
     (:func:`torch_r1attn.verify.timing.bench`): an L2 flush before every rep, inputs rotated, and
