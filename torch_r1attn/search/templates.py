@@ -259,16 +259,18 @@ def _k_lines(kind: str, cfg: dict[str, Any], at: str, rows: str, masked: bool, e
              dst: str = "k") -> list[str]:
     """Load the K tile whose first key is ``at`` (row positions ``rows``) into ``dst``."""
     dm = "" if even_d else "offs_d[None, :] < D"
+    in_bounds = "kv_ok[:, None]" if rows == "kv_idx" else f"{rows}[:, None] < Sk"
     plain = (f"{dst} = tl.load(k_base + {rows}[:, None] * skn + offs_d[None, :] * skd"
-             f"{_ldmask(f'{rows}[:, None] < Sk' if masked else '', dm)})")
+             f"{_ldmask(in_bounds if masked else '', dm)})")
     if kind == "prefill" and cfg["tma"]:
         return ["if USE_TMA:", f"    {dst} = k_desc.load([{at}, 0])", "else:", "    " + plain]
     return [plain]
 
 
 def _softmax_pv_lines(kind: str, mode: str, cfg: dict[str, Any], vc: VariantCode, score: list[str],
-                      even_dv: bool, prec: str, qk: str = "qk") -> list[str]:
-    """From the tile's raw scores ``qk`` (kv_idx set) to the updated m_i, l_i and acc."""
+                      even_dv: bool, prec: str, at: str = "start_n", qk: str = "qk") -> list[str]:
+    """From the tile's raw scores ``qk`` (kv_idx set; ``at``: its first key) to the updated
+    m_i, l_i and acc."""
     masked = mode != "none"
     ex = "tl.exp2" if cfg["exp2"] else "tl.exp"
     body = ["s = " + qk if cfg["fold_scale"] else f"s = {qk} * qk_mul"]
@@ -293,7 +295,7 @@ def _softmax_pv_lines(kind: str, mode: str, cfg: dict[str, Any], vc: VariantCode
     vload = (f"v = tl.load(v_base + kv_idx[:, None] * svn + offs_dv[None, :] * svd"
              f"{_ldmask('kv_ok[:, None]' if masked else '', dvm)})")
     if kind == "prefill" and cfg["tma"]:
-        body += ["if USE_TMA:", "    v = v_desc.load([kv_idx0, 0])", "else:", "    " + vload]
+        body += ["if USE_TMA:", f"    v = v_desc.load([{at}, 0])", "else:", "    " + vload]
     else:
         body.append(vload)
     body += [f"acc = tl.dot(p.to(v.dtype), v, acc{prec})", "m_i = m_new"]
@@ -305,7 +307,7 @@ def _loop(kind: str, start: str, end: str, mode: str, cfg: dict[str, Any], vc: V
     masked = mode != "none"
     ws = ", warp_specialize=True" if cfg["warp_specialize"] else ""
     rng = f"tl.range({start}, {end}, BLOCK_N{ws})" if ws else f"range({start}, {end}, BLOCK_N)"
-    body = ["kv_idx0 = start_n"] + _kv_lines("start_n")
+    body = _kv_lines("start_n")
     body += _k_lines(kind, cfg, "start_n", "kv_idx", masked, even_d)
     body.append(f"qk = tl.dot(q, tl.trans(k){prec})")
     body += _softmax_pv_lines(kind, mode, cfg, vc, score, even_dv, prec)
@@ -323,11 +325,11 @@ def _pipelined_interior(kind: str, cfg: dict[str, Any], vc: VariantCode, score: 
     loop = _k_lines(kind, cfg, "start_n", "(start_n + offs_n)", False, even_d, dst="k_next")
     loop.append(f"qk_next = tl.dot(q, tl.trans(k_next){prec})")
     loop += ["kv_idx0 = start_n - BLOCK_N"] + _kv_lines("kv_idx0")
-    loop += _softmax_pv_lines(kind, "none", cfg, vc, score, even_dv, prec)
+    loop += _softmax_pv_lines(kind, "none", cfg, vc, score, even_dv, prec, at="kv_idx0")
     loop.append("qk = qk_next")
     b += ["for start_n in range(f0 + BLOCK_N, f1, BLOCK_N):"] + _indent(loop, 4)
     b += ["kv_idx0 = f1 - BLOCK_N"] + _kv_lines("kv_idx0")
-    b += _softmax_pv_lines(kind, "none", cfg, vc, score, even_dv, prec)
+    b += _softmax_pv_lines(kind, "none", cfg, vc, score, even_dv, prec, at="kv_idx0")
     return out + _indent(b, 4)
 
 
