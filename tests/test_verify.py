@@ -558,3 +558,24 @@ def test_a_baseline_failing_while_timed_is_left_out():
     out = timing.time_runners({"sdpa_cudnn": lambda *a: None, "flex": lambda *a: None},
                               [(q, q, q, q)], {}, notes)
     assert out == {} and [n.split()[0] for n in notes] == ["sdpa_cudnn", "flex"]
+
+
+def test_a_rebuilt_callable_part_moves_to_the_timing_device():
+    """The worker rebuilds score_mod / mask_mod parts from the recipe on the CPU and moves the
+    variant to the GPU for timing; those parts are not dataclasses, and moving one raised
+    TypeError, so every candidate of such a signature failed its timing on CUDA."""
+    from torch_r1attn.problem import variant_from_recipe, variant_to_recipe
+
+    tab = torch.randn(2)
+
+    def biased(score, b, h, q_idx, kv_idx):
+        return score + tab[h]
+
+    for var in (V.causal() + V.score_mod(biased),
+                V.mask_mod(lambda b, h, q_idx, kv_idx: kv_idx <= q_idx) + V.document(torch.arange(64) // 8)):
+        recipe, rt = variant_to_recipe(var)
+        rebuilt = variant_from_recipe(recipe, rt, device="cpu")
+        moved = rebuilt.to("meta")
+        assert moved.key == var.key
+        assert all(t.device.type == "meta" for t in moved.tensors().values()) and moved.tensors()
+        assert all(t.device.type == "cpu" for t in rebuilt.tensors().values())  # the original is untouched

@@ -107,6 +107,22 @@ def test_flex_baseline_in_parent_for_unimportable_callable(pool):
     assert "parent" in note
 
 
+def test_template_kernel_with_a_captured_tensor_is_timed(pool):
+    """A score_mod that captures a tensor: the worker rebuilds it on the CPU and must move it to
+    the GPU for timing (Variant.to on the rebuilt, non-dataclass part raised TypeError before)."""
+    from torch_r1attn.search.templates import TemplatesProposer
+
+    tab = torch.randn(8, device="cuda") * 0.1
+
+    def head_bias(score, b, h, q_idx, kv_idx):
+        return score + tab[h]
+
+    p = gpu_problem(V.causal() + V.score_mod(head_bias), B=1, H=8, S=1024, D=64)
+    (cand,) = TemplatesProposer().propose(p, [], 1)
+    r = pool.verify(cand, p)
+    assert r.verdict == "pass" and r.timing_meaningful and r.time_ms, r.feedback
+
+
 def test_ceilings_are_measured_alone_while_workers_are_busy(cache_dir):
     """Regression (H200, session 3): a worker that started while others checked and timed
     measured the matmul ceiling at 269 instead of ~700 TFLOP/s, and every fast correct kernel

@@ -143,6 +143,15 @@ class _OpaqueCallablePart(V.Part):
     def tensors(self, prefix):
         return {f"{prefix}{n}": t for n, t in self.captured.items()}
 
+    def to_device(self, device: torch.device) -> "_OpaqueCallablePart":
+        """Its captured tensors on ``device`` (a kernel reads them there; not a dataclass)."""
+        if all(t.device == device for t in self.captured.values()):
+            return self
+        out = _OpaqueCallablePart.__new__(_OpaqueCallablePart)
+        out.kind, out._key, out.fn = self.kind, self._key, self.fn
+        out.captured = {n: t.to(device) for n, t in self.captured.items()}
+        return out
+
     def _need(self):
         if self.fn is None:
             raise RuntimeError(f"callable {self._key} is not available in this process")

@@ -92,6 +92,15 @@ class Part:
     def tensors(self, prefix: str) -> dict[str, torch.Tensor]:
         return {}
 
+    def to_device(self, device: torch.device) -> "Part":
+        """This part with its tensor fields on ``device`` (self when nothing moves)."""
+        changes = {
+            f.name: getattr(self, f.name).to(device)
+            for f in dataclasses.fields(self)
+            if isinstance(getattr(self, f.name), torch.Tensor) and getattr(self, f.name).device != device
+        }
+        return dataclasses.replace(self, **changes) if changes else self
+
     def validate_call(self, B: int, Hq: int, Sq: int, Sk: int, offset: int, device) -> None:
         """Raise ValueError/TypeError if this part cannot apply to the call."""
 
@@ -661,15 +670,7 @@ class Variant:
         device = torch.device(device)
         if all(t.device == device for t in self.tensors().values()):
             return self  # the hot path: nothing to move, no new object
-        parts = []
-        for p in self.parts:
-            changes = {
-                f.name: getattr(p, f.name).to(device)
-                for f in dataclasses.fields(p)
-                if isinstance(getattr(p, f.name), torch.Tensor) and getattr(p, f.name).device != device
-            }
-            parts.append(dataclasses.replace(p, **changes) if changes else p)
-        return Variant(parts, self._align)
+        return Variant([p.to_device(device) for p in self.parts], self._align)
 
     def offset(self, Sq: int, Sk: int) -> int:
         return Sk - Sq if self.align == "bottom_right" else 0
