@@ -106,14 +106,15 @@ def effective_tflops(c: Case, ms: float, frac: float) -> float:
 
 
 def interleaved_host_us(fns: dict[str, Callable[[], object]], rounds: int = 15, calls: int = 300,
-                        sync: Callable[[], None] | None = None, warmup: int = 50) -> dict[str, dict[str, float]]:
+                        sync: Callable[[], None] | None = None, warmup: int = 50,
+                        pairs: list[tuple[str, str]] | None = None) -> dict[str, dict[str, float]]:
     """Host µs per call of each of ``fns``, measured in ``rounds`` interleaved rounds (the order
     rotates every round) of ``calls`` calls each, so a slow spell of the host (another process
     compiling, say) lands on every function alike instead of on whichever ran then.
 
-    Returns ``{name: {"median": µs, "p20": µs, "p80": µs}}`` over the rounds, plus for every
-    name after the first ``"<name>-<first>"``: the median of the per-round differences (what the
-    first one does not cost), which cancels the drift that a difference of medians keeps."""
+    Returns ``{name: {"median": µs, "p20": µs, "p80": µs}}`` over the rounds, plus ``"a-b"`` for
+    each of ``pairs`` (default: every name against the first): the median of the per-round
+    differences, which cancels the drift that a difference of medians keeps."""
     import statistics
     import time as _time
 
@@ -142,8 +143,8 @@ def interleaved_host_us(fns: dict[str, Callable[[], object]], rounds: int = 15, 
         return {"median": statistics.median(xs), "p20": qs[0], "p80": qs[-1]}
 
     out = {n: q(per[n]) for n in names}
-    for n in names[1:]:
-        out[f"{n}-{names[0]}"] = q([a - b for a, b in zip(per[n], per[names[0]])])
+    for a, b in pairs if pairs is not None else [(n, names[0]) for n in names[1:]]:
+        out[f"{a}-{b}"] = q([x - y for x, y in zip(per[a], per[b])])
     return out
 
 

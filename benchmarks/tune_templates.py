@@ -173,9 +173,15 @@ def ab_pairs(prob, cands, knob: str) -> list:
         raise SystemExit(f"--ab needs a boolean template knob, got {knob!r}")
     out = []
     for c in cands:
-        for val in (False, True):
-            cfg = normalize_config(prob, {**c.config, knob: val})
-            out.append(Candidate(source=generate_source(prob, cfg), proposer="templates", config=cfg))
+        try:
+            pair = [normalize_config(prob, {**c.config, knob: val}) for val in (False, True)]
+        except ValueError as e:  # this config cannot take the knob (e.g. pipeline_qk with branch_mask)
+            print(f"  --ab {knob}: skipping a config that cannot take it: {e}")
+            continue
+        if pair[0] == pair[1]:
+            print(f"  --ab {knob}: skipping a config where the knob changes nothing")
+            continue
+        out += [Candidate(source=generate_source(prob, cfg), proposer="templates", config=cfg) for cfg in pair]
     return out
 
 

@@ -186,6 +186,8 @@ def test_pipelined_interior_code_and_validation():
     assert "qk_next = tl.dot(q, tl.trans(k_next)" in interior and interior.index("qk_next =") < interior.index("m_new")
     with pytest.raises(ValueError, match="pipeline_qk"):
         normalize_config(prob, {"pipeline_qk": True, "split_loop": False})
+    with pytest.raises(ValueError, match="warp_specialize=False"):
+        normalize_config(prob, {"pipeline_qk": True, "warp_specialize": True})
     assert not normalize_config(prob, {"pipeline_qk": False, "branch_mask": True})["pipeline_qk"]
     # not yet measured: never proposed as a neighbour
     from torch_r1attn.search.templates import _neighbours

@@ -579,3 +579,32 @@ def test_a_rebuilt_callable_part_moves_to_the_timing_device():
         assert moved.key == var.key
         assert all(t.device.type == "meta" for t in moved.tensors().values()) and moved.tensors()
         assert all(t.device.type == "cpu" for t in rebuilt.tensors().values())  # the original is untouched
+
+
+def test_baseline_notes_travel_with_the_baselines(pool):
+    """Results that get the baselines from the job that timed them get its notes too (e.g. why
+    SDPA was left out), so no speed-up is quoted against fewer peers without the reason."""
+    prob = make_problem(sq=35, sk=35)
+    prep = pool._prepare(prob)
+    why = "SDPA left out: its dense mask/bias could not be built for this shape (OutOfMemoryError: x)"
+    owner = VerifyResult(ok=True, compiled=True, verdict="pass", reason="")
+    pool._apply_timing(owner, prep, {"time_ms": 1.0, "baselines_ms": {"flex": 2.0}, "notes": [why]})
+    later = VerifyResult(ok=True, compiled=True, verdict="pass", reason="")
+    pool._apply_timing(later, prep, {"time_ms": 1.5})
+    waiting = VerifyResult(ok=True, compiled=True, verdict="pass", reason="", timing_meaningful=True, time_ms=1.6)
+    assert pool.fill_baselines([waiting], prob) == 1
+    for r in (owner, later, waiting):
+        assert why in r.notes and r.best_baseline == "flex"
+
+
+def test_a_sticky_cuda_error_in_a_baseline_is_not_swallowed(monkeypatch):
+    from torch_r1attn import fallback
+    from torch_r1attn.verify import timing
+
+    def broken(*a, **k):
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    monkeypatch.setattr(fallback, "sdpa_inputs", broken)
+    q = torch.randn(1, 2, 8, 16)
+    with pytest.raises(RuntimeError, match="illegal memory access"):
+        timing.baseline_runners([(q, q, q, q)], V.causal() + V.relative_bias(torch.randn(2, 15)), 0.25, flex=False)

@@ -31,7 +31,8 @@ Knobs (keys of ``config``)::
     tma              Hopper tensor descriptors (``tl.make_tensor_descriptor``) for Q/K/V/O
     warp_specialize  ``tl.range(..., warp_specialize=True)`` on the kv loop
     pipeline_qk      the fully-allowed run issues tile j+1's Q·K^T before tile j's softmax
-                     (FA3's intra-warpgroup overlap written out; needs split_loop, no branch_mask).
+                     (FA3's intra-warpgroup overlap written out; needs split_loop, no branch_mask,
+                     no warp_specialize).
                      Not yet measured on the H200: the search does not try it on its own
     num_splits       decode: kv splits (0 = enough to fill the GPU twice)
 
@@ -178,10 +179,10 @@ def normalize_config(problem: Problem, config: dict[str, Any] | None) -> dict[st
         cfg["tma"] = cfg["warp_specialize"] = False  # the decode kernel gathers rows across heads
     if not cfg["split_loop"]:
         cfg["branch_mask"] = False  # one masked loop has no boundary to branch on
-    if cfg["pipeline_qk"] and (not cfg["split_loop"] or cfg["branch_mask"]):
+    if cfg["pipeline_qk"] and (not cfg["split_loop"] or cfg["branch_mask"] or cfg["warp_specialize"]):
         if (config or {}).get("pipeline_qk"):
-            raise ValueError("template knob pipeline_qk=True needs split_loop=True and branch_mask=False "
-                             "(it pipelines the separate fully-allowed loop)")
+            raise ValueError("template knob pipeline_qk=True needs split_loop=True, branch_mask=False and "
+                             "warp_specialize=False (it pipelines the separate fully-allowed loop by hand)")
         cfg["pipeline_qk"] = False
     if cfg["warp_specialize"] and cfg["num_warps"] < 8 and not _is_cpu(problem):
         # Triton 3.6's NVGPUWarpSpecialization pass fails on this kernel below 8 warps ("scf.for op
@@ -824,8 +825,9 @@ def _spread_d64(variant: V.Variant) -> list[dict[str, Any]]:
     first. Plain full / causal keep round 1's list (cuDNN wins them). Structured variants follow
     the H200 session-5 searches at B8 S2048 D64 (8 configs each, protocol 2): from the new
     default M64 N64 w4 s4, M128 N64 w8 s3 won prefix-LM / ALiBi / soft-cap (0.403 / 0.423 /
-    0.486 ms), M128 N32 w4 s4 won documents (0.293); M128 N128 w8, M256 N64 w8 and tma were slow
-    everywhere (+10-40%), so they come last."""
+    0.486 ms), M128 N32 w4 s4 won documents (0.293); M128 N128 w8 and M256 N64 w8 were slow
+    everywhere (+10-40%), tma everywhere but relative bias (M128 N64 w4 s3: 0.770 with tma vs
+    0.847 without), so they come last (tma second for relative bias)."""
     kind = _variant_kind(variant)
     if kind == "dense":
         return [{}, {"BLOCK_N": 128, "num_warps": 8}, {"BLOCK_M": 64, "num_stages": 4}, {"tma": True},
@@ -839,7 +841,7 @@ def _spread_d64(variant: V.Variant) -> list[dict[str, Any]]:
                 {"fold_scale": True}] + late
     if kind == "relbias":  # fold_scale is the default for relative bias
         return [{}, {"tma": True}, m128w8, {"num_stages": 3}, {"BLOCK_N": 32}, {"BLOCK_M": 128, "tma": True,
-                "num_stages": 3}] + late
+                "num_stages": 3}] + [o for o in late if o != {"tma": True}]
     return [{}, m128w8, {"BLOCK_N": 32}, {"fold_scale": True}, {"num_stages": 3},
             {**m128w8, "fold_scale": True}] + late
 

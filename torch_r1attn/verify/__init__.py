@@ -41,7 +41,7 @@ import shutil
 import tempfile
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -117,6 +117,9 @@ class _Prepared:
     # (other workers, the fresh re-verification) reuse them instead of timing SDPA and compiling
     # Flex again (~10-20 s per worker on the H200). Same GPU, same seeded input sets, same protocol.
     baselines_ms: dict[str, float] | None = None
+    # what the job that timed them noted (a backend left out, and why): every result that gets
+    # the baselines gets these too, so a speed-up against fewer peers always says why
+    baselines_notes: list[str] = field(default_factory=list)
     # The job that times them now. One at a time: in a search's first wave every worker used to
     # time (and compile Flex for) the same baselines; the others' results get them afterwards
     # (VerifierPool.fill_baselines).
@@ -376,6 +379,7 @@ class VerifierPool:
         with self._lock:
             p = self._prepared.get(id(problem))
             base = dict(p.baselines_ms) if p is not None and p.problem is problem and p.baselines_ms else None
+            base_notes = list(p.baselines_notes) if base is not None else []
         if base is None:
             return 0
         n = 0
@@ -384,6 +388,7 @@ class VerifierPool:
                 r.baselines_ms = dict(base)
                 _set_speedup(r)
                 r.notes.append("baselines: timed by another job of this search (same GPU, inputs and protocol)")
+                r.notes += base_notes
                 if r.ok:
                     r.reason = _pass_reason(r)
                 r.feedback = make_feedback(r)
@@ -502,18 +507,21 @@ class VerifierPool:
         r.timing_meaningful = True
         r.time_ms = float(tm["time_ms"])
         r.baselines_ms = {k: float(v) for k, v in (tm.get("baselines_ms") or {}).items()}
-        r.notes += list(tm.get("notes", []))
+        bnotes = list(tm.get("notes", []))  # the worker's notes on the baselines it timed
         if tm.get("flex_in_parent"):
             ms, note = _time_flex_in_parent(prep, self.protocol, self._device_lock)
             if ms is not None:
                 r.baselines_ms["flex"] = ms
-            r.notes.append(note)
+            bnotes.append(note)
+        r.notes += bnotes
         with self._lock:
             if r.baselines_ms and prep.baselines_ms is None:
                 prep.baselines_ms = dict(r.baselines_ms)
+                prep.baselines_notes = bnotes
             elif not r.baselines_ms and prep.baselines_ms:
                 r.baselines_ms = dict(prep.baselines_ms)
                 r.notes.append("baselines: timed earlier in this search (same GPU, inputs and protocol)")
+                r.notes += prep.baselines_notes
         _set_speedup(r)
         # plausibility, computed here from the variant's mask (the worker only timed)
         cpath = self._ceilings_path(str(problem.device))

@@ -132,6 +132,23 @@ def make_timing_sets(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, n_sets: 
     return sets
 
 
+def is_sticky_cuda_error(e: BaseException) -> bool:
+    """A CUDA error is sticky: the context is unusable afterwards (nothing after it in this
+    process can be trusted), so it is never swallowed as "this baseline failed"."""
+    s = str(e)
+    if "CUDA error" in s or "illegal memory access" in s or "device-side assert" in s:
+        return True
+    accel = getattr(torch, "AcceleratorError", None)
+    if accel is not None and isinstance(e, accel):
+        return True
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        try:
+            torch.cuda.synchronize()
+        except RuntimeError:
+            return True
+    return False
+
+
 def baseline_runners(sets: list[tuple], variant, scale: float, *, flex: bool = True,
                      sdpa: bool = True) -> tuple[dict[str, Callable[..., object]], list[str]]:
     """Every baseline that accepts the call, each already run once on ``sets[0]`` (so compiled:
@@ -157,6 +174,8 @@ def baseline_runners(sets: list[tuple], variant, scale: float, *, flex: bool = T
         try:
             mask, is_causal = fallback.sdpa_inputs(variant, B, Hq, Sq, Sk, q.dtype, q.device)
         except Exception as e:  # noqa: BLE001 - e.g. a dense bias of B*H*Sq*Sk elements that does not fit
+            if is_sticky_cuda_error(e):
+                raise
             notes.append(f"SDPA left out: its dense mask/bias could not be built for this shape "
                          f"({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''})")
             sdpa = False
@@ -177,6 +196,8 @@ def baseline_runners(sets: list[tuple], variant, scale: float, *, flex: bool = T
                 run(*sets[0])
                 torch.cuda.synchronize()
             except RuntimeError as e:  # "No available kernel": this backend does not take the call
+                if is_sticky_cuda_error(e):
+                    raise
                 notes.append(f"sdpa_{name} does not accept this call ({str(e).splitlines()[0][:120]})")
                 continue
             runners[f"sdpa_{name}"] = run
@@ -190,6 +211,8 @@ def baseline_runners(sets: list[tuple], variant, scale: float, *, flex: bool = T
             run_flex(*sets[0])
             torch.cuda.synchronize()
         except Exception as e:  # noqa: BLE001 - a baseline that cannot run is reported, not fatal
+            if is_sticky_cuda_error(e):
+                raise
             notes.append(f"flex failed: {type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}")
         else:
             runners["flex"] = run_flex
@@ -206,6 +229,10 @@ def time_runners(runners: dict[str, Callable[..., object]], sets: list[tuple], b
         try:
             out[name] = bench(fn, sets, **bench_kw)["median_ms"]
         except Exception as e:  # noqa: BLE001 - reported; the other baselines still count
+            if is_sticky_cuda_error(e):
+                raise
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()  # an out-of-memory baseline: room for the next one
             log.warning("baseline %s failed while timed: %s: %s", name, type(e).__name__, e)
             if notes is not None:
                 notes.append(f"{name} left out: failed while timed ({type(e).__name__})")

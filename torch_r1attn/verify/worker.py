@@ -495,20 +495,9 @@ class _Worker:
 
 def _is_fatal(e: BaseException) -> bool:
     """A CUDA error is sticky: the context is unusable afterwards, so the worker must go."""
-    import torch
+    from .timing import is_sticky_cuda_error
 
-    s = str(e)
-    if "CUDA error" in s or "illegal memory access" in s or "device-side assert" in s:
-        return True
-    accel = getattr(torch, "AcceleratorError", None)
-    if accel is not None and isinstance(e, accel):
-        return True
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        try:
-            torch.cuda.synchronize()
-        except RuntimeError:
-            return True
-    return False
+    return is_sticky_cuda_error(e)
 
 
 def _excerpt(e: BaseException, limit: int = 2500) -> str:
