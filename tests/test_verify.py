@@ -608,3 +608,17 @@ def test_a_sticky_cuda_error_in_a_baseline_is_not_swallowed(monkeypatch):
     q = torch.randn(1, 2, 8, 16)
     with pytest.raises(RuntimeError, match="illegal memory access"):
         timing.baseline_runners([(q, q, q, q)], V.causal() + V.relative_bias(torch.randn(2, 15)), 0.25, flex=False)
+
+
+def test_trials_include_the_callers_layout_when_it_fits():
+    """Timing runs on the caller's documents, so one correctness trial does too; variants
+    without data-dependent tensors (or whose tensors do not fit the check shape) get none."""
+    ids = torch.repeat_interleave(torch.arange(8, dtype=torch.int32), 5)
+    trials = C.make_trials(_doc_problem(ids), Protocol.quick())
+    mine = [t for t in trials if t.name.startswith("caller's layout")]
+    assert len(mine) == 1
+    (doc,) = [x for n, x in mine[0].tensors.items() if "doc" in n]
+    assert torch.equal(doc, ids)
+    assert not any(t.name.startswith("caller's") for t in C.make_trials(make_problem(), Protocol.quick()))
+    short = _doc_problem(ids[:30])  # does not fit Sk=40
+    assert not any(t.name.startswith("caller's") for t in C.make_trials(short, Protocol.quick()))

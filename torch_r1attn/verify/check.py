@@ -172,6 +172,20 @@ def check_shape(problem: Problem, protocol: Protocol) -> Shape:
     return (max(1, min(B, protocol.check_batch)), hkv * g, hkv, Sq, Sk)
 
 
+def _callers_layout(problem: Problem, shape: Shape) -> V.Variant | None:
+    """The caller's own variant (on the CPU) when it has data-dependent tensors (documents, dense
+    masks or biases) that fit ``shape``; the other trials draw random layouts of the same kind."""
+    variant = problem.variant
+    if not any(isinstance(p, (V.Document, V.DenseMask, V.DenseBias)) for p in variant.parts):
+        return None
+    B, Hq, _, Sq, Sk = shape
+    try:
+        variant.validate_call(B, Hq, Sq, Sk, None)
+    except (ValueError, TypeError):
+        return None
+    return variant.to("cpu")
+
+
 def _with_dead_rows(variant: V.Variant) -> V.Variant | None:
     """The same variant with some rows fully masked, when a dense mask/bias part allows it."""
     parts, changed = [], False
@@ -221,6 +235,10 @@ def make_trials(problem: Problem, protocol: Protocol, scale: float | None = None
             layout = "bshd" if len(trials) == 1 else "bhsd"  # the second main trial
             add(f"{dist}#{i} {_fmt(main)}" + (" [B,S,H,D strides]" if layout == "bshd" else ""), main, dist, seed,
                 protocol.calls if not trials else 1, layout=layout)
+    callers = _callers_layout(problem, main)
+    if callers is not None:  # timing runs on the caller's layout: correctness covers it too
+        seed += 1
+        add(f"caller's layout {_fmt(main)}", main, protocol.distributions[0], seed, 1, callers)
     edges = list(problem.edge_shapes)
     if protocol.max_edge_shapes is not None:
         edges = edges[: protocol.max_edge_shapes]
