@@ -267,11 +267,7 @@ class Problem:
     def timing_variant_is_callers(self) -> bool:
         """Whether :meth:`timing_variant` is the caller's variant (its tensors fit ``shape``)."""
         B, Hq, _, Sq, Sk = self.shape
-        try:
-            self.variant.validate_call(B, Hq, Sq, Sk, None)
-        except (ValueError, TypeError):
-            return False
-        return True
+        return self.variant.fits(B, Hq, Sq, Sk)
 
     @classmethod
     def from_spec(cls, spec: AttentionSpec, variant: V.Variant, device: str = "cuda",

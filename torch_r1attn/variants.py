@@ -690,6 +690,14 @@ class Variant:
         for p in self.parts:
             p.validate_call(B, Hq, Sq, Sk, off, device)
 
+    def fits(self, B: int, Hq: int, Sq: int, Sk: int) -> bool:
+        """Whether this variant's tensors can serve a call of this shape (:meth:`validate_call`)."""
+        try:
+            self.validate_call(B, Hq, Sq, Sk, None)
+        except (ValueError, TypeError):
+            return False
+        return True
+
     # ---- eager math (the reference; also the eager fallback)
     def scores_and_mask(self, s: torch.Tensor, ix: IndexGrid) -> tuple[torch.Tensor, torch.Tensor | None]:
         for p in self.score_parts:

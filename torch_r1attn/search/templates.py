@@ -834,14 +834,15 @@ def _spread_d64(variant: V.Variant) -> list[dict[str, Any]]:
                 {"num_warps": 8}, {"fold_scale": True}, {"BLOCK_N": 32, "num_stages": 4},
                 {"warp_specialize": True}, {"BLOCK_M": 256, "num_warps": 8}, {"num_stages": 2}]
     m128w8 = {"BLOCK_M": 128, "num_warps": 8, "num_stages": 3}
-    late = [{"BLOCK_M": 128, "num_stages": 3}, {"tma": True}, {"BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 8, "num_stages": 3},
+    slow = [{"BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 8, "num_stages": 3},
             {"BLOCK_M": 256, "num_warps": 8, "num_stages": 3}]
+    late = [{"BLOCK_M": 128, "num_stages": 3}, {"tma": True}] + slow
     if kind == "doc":
         return [{}, {"BLOCK_M": 128, "BLOCK_N": 32}, {"BLOCK_N": 32}, m128w8, {"num_stages": 3},
                 {"fold_scale": True}] + late
-    if kind == "relbias":  # fold_scale is the default for relative bias
-        return [{}, {"tma": True}, m128w8, {"num_stages": 3}, {"BLOCK_N": 32}, {"BLOCK_M": 128, "tma": True,
-                "num_stages": 3}] + [o for o in late if o != {"tma": True}]
+    if kind == "relbias":  # fold_scale is the default for relative bias; tma won here
+        return [{}, {"tma": True}, m128w8, {"num_stages": 3}, {"BLOCK_N": 32},
+                {"BLOCK_M": 128, "tma": True, "num_stages": 3}, {"BLOCK_M": 128, "num_stages": 3}] + slow
     return [{}, m128w8, {"BLOCK_N": 32}, {"fold_scale": True}, {"num_stages": 3},
             {**m128w8, "fold_scale": True}] + late
 

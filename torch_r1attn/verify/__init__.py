@@ -378,17 +378,14 @@ class VerifierPool:
         baselines this pool has for ``problem`` since, with their speed-up. Returns how many."""
         with self._lock:
             p = self._prepared.get(id(problem))
-            base = dict(p.baselines_ms) if p is not None and p.problem is problem and p.baselines_ms else None
-            base_notes = list(p.baselines_notes) if base is not None else []
-        if base is None:
+            p = p if p is not None and p.problem is problem and p.baselines_ms else None
+        if p is None:
             return 0
         n = 0
         for r in results:
             if r.timing_meaningful and r.time_ms and not r.baselines_ms:
-                r.baselines_ms = dict(base)
+                _give_baselines(r, p, "timed by another job of this search")
                 _set_speedup(r)
-                r.notes.append("baselines: timed by another job of this search (same GPU, inputs and protocol)")
-                r.notes += base_notes
                 if r.ok:
                     r.reason = _pass_reason(r)
                 r.feedback = make_feedback(r)
@@ -519,9 +516,7 @@ class VerifierPool:
                 prep.baselines_ms = dict(r.baselines_ms)
                 prep.baselines_notes = bnotes
             elif not r.baselines_ms and prep.baselines_ms:
-                r.baselines_ms = dict(prep.baselines_ms)
-                r.notes.append("baselines: timed earlier in this search (same GPU, inputs and protocol)")
-                r.notes += prep.baselines_notes
+                _give_baselines(r, prep, "timed earlier in this search")
         _set_speedup(r)
         # plausibility, computed here from the variant's mask (the worker only timed)
         cpath = self._ceilings_path(str(problem.device))
@@ -555,6 +550,13 @@ class VerifierPool:
             shutil.rmtree(job, ignore_errors=True)
         log.info("verify: %s (%s) in %.1fs", r.verdict, r.reason[:160], r.seconds)
         return r
+
+
+def _give_baselines(r: VerifyResult, prep: _Prepared, when: str) -> None:
+    """``r`` gets the baselines another job of its problem timed, with that job's notes."""
+    r.baselines_ms = dict(prep.baselines_ms)
+    r.notes.append(f"baselines: {when} (same GPU, inputs and protocol)")
+    r.notes += prep.baselines_notes
 
 
 def _set_speedup(r: VerifyResult) -> None:

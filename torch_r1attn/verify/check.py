@@ -179,11 +179,7 @@ def _callers_layout(problem: Problem, shape: Shape) -> V.Variant | None:
     if not any(isinstance(p, (V.Document, V.DenseMask, V.DenseBias)) for p in variant.parts):
         return None
     B, Hq, _, Sq, Sk = shape
-    try:
-        variant.validate_call(B, Hq, Sq, Sk, None)
-    except (ValueError, TypeError):
-        return None
-    return variant.to("cpu")
+    return variant.to("cpu") if variant.fits(B, Hq, Sq, Sk) else None
 
 
 def _with_dead_rows(variant: V.Variant) -> V.Variant | None:

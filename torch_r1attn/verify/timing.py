@@ -169,8 +169,10 @@ def baseline_runners(sets: list[tuple], variant, scale: float, *, flex: bool = T
     gqa = Hq != k.shape[1]
     runners: dict[str, Callable[..., object]] = {}
     notes: list[str] = []
-    mask = None
-    if sdpa and fallback.sdpa_expressible(variant):
+    if sdpa and not fallback.sdpa_expressible(variant):
+        notes.append("SDPA cannot express this variant (non-additive score part)")
+        sdpa = False
+    if sdpa:
         try:
             mask, is_causal = fallback.sdpa_inputs(variant, B, Hq, Sq, Sk, q.dtype, q.device)
         except Exception as e:  # noqa: BLE001 - e.g. a dense bias of B*H*Sq*Sk elements that does not fit
@@ -181,7 +183,7 @@ def baseline_runners(sets: list[tuple], variant, scale: float, *, flex: bool = T
             sdpa = False
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
-    if sdpa and fallback.sdpa_expressible(variant):
+    if sdpa:
         backends = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION,
                     "efficient": SDPBackend.EFFICIENT_ATTENTION}
         for name in SDPA_BACKENDS:
@@ -201,8 +203,6 @@ def baseline_runners(sets: list[tuple], variant, scale: float, *, flex: bool = T
                 notes.append(f"sdpa_{name} does not accept this call ({str(e).splitlines()[0][:120]})")
                 continue
             runners[f"sdpa_{name}"] = run
-    elif sdpa:
-        notes.append("SDPA cannot express this variant (non-additive score part)")
     if flex:
         def run_flex(qq, kk, vv, _o):
             return fallback.run_flex(qq, kk, vv, variant, scale, gqa)
