@@ -5,6 +5,10 @@ directly, on a host-bound call (one batch, few heads, short lengths in a cached 
 
 Needs the signature's kernel in the cache (``r1attn prewarm`` first); prints and writes
 ``$OUT/dispatch_overhead_<variant>.json``. The same measurement runs inside bench_variants.py.
+
+``--noop`` measures the host's Python path alone, without a GPU: CPU tensors, and the table entry's
+kernel replaced by one that does nothing, so ``r1 - direct`` is the front end + dispatch + output
+allocation on this host (run it on the GPU machine to see how fast its host runs our code).
 """
 
 from __future__ import annotations
@@ -33,9 +37,15 @@ def main() -> int:
     ap.add_argument("--hkv", type=int, default=1)
     ap.add_argument("--s", type=int, default=129)
     ap.add_argument("--d", type=int, default=128)
+    ap.add_argument("--noop", action="store_true", help="host path only: CPU tensors, a kernel that does nothing")
     args = ap.parse_args()
     os.environ["R1ATTN_ON_MISS"] = "off"
+    if args.noop:
+        os.environ["TRITON_INTERPRET"] = "1"  # lets dispatch take the kernel path for CPU tensors
     import torch
+
+    if args.noop:
+        return _noop(args)
 
     if not torch.cuda.is_available():
         print("dispatch_overhead needs a CUDA GPU", file=sys.stderr)
@@ -50,6 +60,47 @@ def main() -> int:
     out = Path(os.environ.get("OUT") or "benchmarks/results")
     out.mkdir(parents=True, exist_ok=True)
     (out / f"dispatch_overhead_{args.variant}.json").write_text(json.dumps(res, indent=1))
+    print(json.dumps(res))
+    return 0
+
+
+def _noop(args) -> int:
+    import math
+
+    import torch
+
+    import torch_r1attn as r1
+    from torch_r1attn import config, dispatch, variants as V
+    from benchmarks.common import interleaved_host_us
+
+    config.set_settings(None)
+    dispatch.reset()
+    var = VARIANTS[args.variant](V)
+    q = torch.randn(args.b, args.hq, args.s, args.d)
+    k, v = (torch.randn(args.b, args.hkv, args.s, args.d) for _ in range(2))
+    gqa = args.hq != args.hkv
+    r1.attention(q, k, v, enable_gqa=gqa, variant=var)  # resolves the entry (a fallback: no cache)
+
+    class _Noop:
+        def fn(self, q, k, v, out, scale, **tensors):
+            return None
+
+        def unsupported(self, q, k, v):
+            return None
+
+    kern = _Noop()
+    for r in dispatch._table.values():
+        r.kernel, r.unsupported = kern, None
+    out, tens, scale = torch.empty_like(q), var.tensors(), 1 / math.sqrt(args.d)
+    fns = {"direct": lambda: kern.fn(q, k, v, out, scale, **tens),
+           "direct_alloc": lambda: kern.fn(q, k, v, torch.empty_like(q), scale, **tens),
+           "r1": lambda: r1.attention(q, k, v, enable_gqa=gqa, variant=var)}
+    m = interleaved_host_us(fns, rounds=15, calls=3000, pairs=[("r1", "direct"), ("r1", "direct_alloc")])
+    res = {"variant": args.variant, "mode": "noop (host Python path only)",
+           **{n: {a: round(b, 3) for a, b in x.items()} for n, x in m.items()}}
+    out_dir = Path(os.environ.get("OUT") or "benchmarks/results")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / f"dispatch_overhead_noop_{args.variant}.json").write_text(json.dumps(res, indent=1))
     print(json.dumps(res))
     return 0
 

@@ -360,3 +360,26 @@ def eager_reference(q, k, v, var):
     from torch_r1attn.reference import reference_attention
 
     return reference_attention(q, k, v, var, 1 / math.sqrt(q.shape[-1]), dtype=torch.float64).to(q.dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_eager_in_low_precision_takes_a_score_mod_that_promotes(dtype):
+    """A score_mod adding a captured float32 tensor promotes low-precision scores to float32; the
+    eager path (and the verifier's low-precision reference, which found it on the H200) must
+    still compute in ``compute_dtype`` instead of failing in P @ V."""
+    from torch_r1attn.reference import eager_attention, reference_attention
+
+    g = torch.Generator().manual_seed(0)
+    tab = torch.randn(4, generator=g) * 0.5
+
+    def head_bias(score, b, h, q_idx, kv_idx):
+        return score + tab[h]
+
+    var = V.causal() + V.score_mod(head_bias)
+    q, k, v = (torch.randn(1, 4, 33, 16, generator=g).to(dtype) for _ in range(3))
+    low = eager_attention(q, k, v, var, 0.25, compute_dtype=dtype)
+    assert low.dtype == dtype
+    ref = reference_attention(q, k, v, var, 0.25)
+    assert_close_to_ref(low, ref, name="eager")
+    out = r1.attention(q, k, v, variant=var, on_miss="off")
+    assert_close_to_ref(out, ref)

@@ -48,6 +48,9 @@ def eager_attention(
         ix.Sq = s1 - s0
         s = torch.matmul(qc[:, :, s0:s1], kc.transpose(-1, -2)) * scale
         s, m = vt.scores_and_mask(s, ix)
+        # a score_mod that adds a captured float32 tensor promotes bf16/fp16 scores to float32;
+        # P @ V needs one dtype (compute_dtype, as documented)
+        s = s.to(cd)
         if m is not None:
             s = s.masked_fill(~m, float("-inf"))
         row_max = s.amax(dim=-1, keepdim=True)
