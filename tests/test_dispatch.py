@@ -36,8 +36,7 @@ def inject():
         return kern
 
     yield put
-    for key in made:
-        dispatch._table.pop(key, None)
+    dispatch.reset()  # the entries, and the front end's hot runners that hold them
 
 
 @pytest.mark.parametrize("dv", [64, 24])
@@ -96,3 +95,76 @@ def test_kernel_not_verified_on_strided_layouts_gets_contiguous_inputs(inject):
     kern.fn = lambda q, k, v, out, scale, **t: seen.append((q.is_contiguous(), out.is_contiguous()))
     r1.attention(q, k, v, variant=V.causal())
     assert seen == [(True, True)]
+
+
+class _Scales(_Recorder):
+    def __init__(self):
+        super().__init__()
+        self.scales = []
+
+    def fn(self, q, k, v, out, scale, **tensors):
+        self.scales.append(scale)
+        super().fn(q, k, v, out, scale, **tensors)
+
+
+def test_repeat_calls_take_the_hot_runner_and_keep_every_per_call_decision(inject, monkeypatch):
+    """After one call through dispatch.forward, a repeat call of a settled kernel entry goes
+    straight to the kernel (the ~2x cheaper cache-hit path) and still decides per call: explicit
+    scales reach the kernel, a bad scale is an error, grad and odd layouts go through forward."""
+    var = V.causal() + V.alibi(4)
+    q, k, v = (torch.randn(1, 4, 9, 16) for _ in range(3))
+    kern = _Scales()
+    inject(q, k, v, var)
+    dispatch._table[table_key(q, k, v, var)].kernel = kern
+    r1.attention(q, k, v, variant=var)  # through forward: checks SUPPORTS, builds the runner
+    calls = []
+    real_forward = dispatch.forward
+    monkeypatch.setattr(dispatch, "forward", lambda *a, **kw: calls.append(1) or real_forward(*a, **kw))
+    out = r1.attention(q, k, v, variant=var)
+    out2 = r1.attention(q, k, v, variant=var, scale=0.5)
+    assert calls == [] and bool((out == 7.0).all()) and out.data_ptr() != out2.data_ptr()
+    assert kern.scales == [0.25, 0.25, 0.5]
+    for bad, err in ((float("nan"), ValueError), ("0.5", TypeError)):
+        with pytest.raises(err, match="scale"):
+            r1.attention(q, k, v, variant=var, scale=bad)
+    r1.attention(q, k, v, variant=var, scale=1)  # an int scale: the checked path, then the kernel
+    assert kern.scales[-1] == 1.0
+    n = len(calls)
+    with torch.no_grad():
+        r1.attention(q, k, v, variant=var)
+    assert len(calls) == n  # no_grad: still the hot runner
+    r1.attention(q.clone().requires_grad_(), k, v, variant=var)
+    assert len(calls) == n + 1 and len(kern.scales) == 5  # grad: forward, a differentiable fallback
+    qt = torch.randn(1, 9, 4, 16).transpose(1, 2)
+    seen = []
+    kern.fn = lambda q, k, v, out, scale, **t: seen.append(q.is_contiguous())
+    r1.attention(qt, k, v, variant=var)
+    assert seen == [True]  # not verified on strided layouts: forward hands it a contiguous copy
+
+
+def test_reset_drops_the_hot_runners(inject):
+    var = V.causal()
+    q, k, v = (torch.randn(1, 2, 9, 16) for _ in range(3))
+    kern = inject(q, k, v, var)
+    r1.attention(q, k, v, variant=var)
+    r1.attention(q, k, v, variant=var)
+    assert len(kern.outs) == 2
+    dispatch.reset()  # e.g. `r1attn cache clear`: the next call resolves again (here: no kernels on the CPU)
+    out = r1.attention(q, k, v, variant=var)
+    assert len(kern.outs) == 2 and not bool((out == 7.0).all())
+
+
+def test_hot_runner_waits_for_a_settled_entry(inject):
+    """No runner while a background search is pending or before SUPPORTS was checked."""
+    q, k, v = (torch.randn(1, 2, 9, 16) for _ in range(3))
+    var = V.causal()
+    inject(q, k, v, var)
+    key = table_key(q, k, v, var)
+    assert dispatch.hot_runner(key, var) is None  # SUPPORTS not checked yet
+    dispatch._table[key].unsupported = None
+    dispatch._table[key].pending = object()
+    assert dispatch.hot_runner(key, var) is None
+    dispatch._table[key].pending = None
+    assert dispatch.hot_runner(key, var) is not None
+    dispatch._table[key].unsupported = "Sk above the kernel's maximum"
+    assert dispatch.hot_runner(key, var) is None

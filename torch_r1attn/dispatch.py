@@ -74,10 +74,20 @@ def kernels_usable(device: torch.device) -> bool:
     return device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"
 
 
+_reset_hooks: list[Callable[[], None]] = []
+
+
+def on_reset(hook: Callable[[], None]) -> None:
+    """Call ``hook`` whenever the table is forgotten (the front end drops its hot runners)."""
+    _reset_hooks.append(hook)
+
+
 def reset() -> None:
     """Forget every resolved signature (tests; after ``r1attn cache clear``)."""
     with _lock:
         _table.clear()
+        for hook in _reset_hooks:
+            hook()
         _logged.clear()
 
 
@@ -142,6 +152,55 @@ def forward(q, k, v, variant: Variant, scale: float, enable_gqa: bool, dropout_p
         log_once(logging.INFO, ("unsup", r.spec.uri, why), "r1attn %s: kernel does not support this call (%s); "
                  "fallback %s", r.spec.uri, why, r.path)
     return fallback.run(r.path, q, k, v, variant, scale, enable_gqa, dropout_p)
+
+
+def hot_runner(key: tuple, variant: Variant, bshd_out: bool = False) -> Callable | None:
+    """A launcher for repeat calls of a *settled* table entry (kernel loaded, its SUPPORTS checked
+    and passed, no search pending), or None. The front end keeps it beside its validation memo,
+    so a repeat call with the same shapes, dtypes, devices and variant costs one dict lookup and
+    this closure: what :func:`forward` decides per call (grad, layout) it still decides, the rest
+    is fixed by the key. It returns None when the call needs :func:`forward` (the caller then
+    goes there). Dropped on :func:`reset`."""
+    r = _table.get(key)
+    if r is None or r.kernel is None or r.pending is not None or r.unsupported is not None:
+        return None
+    if key[1] not in _KERNEL_DTYPES:
+        return None
+    fn, tensors = r.kernel.fn, variant.tensors()
+    grad_enabled, empty_like, contiguous = torch.is_grad_enabled, torch.empty_like, torch.contiguous_format
+    same_dv = key[2] == key[3]  # q's and v's head dims (fixed by the key, so by every call here)
+
+    def alloc(q, v):  # a contiguous (B, H, S, Dv) output: empty_like is ~3x cheaper than torch.empty
+        if same_dv:
+            return empty_like(q) if q.is_contiguous() else empty_like(q, memory_format=contiguous)
+        return q.new_empty(q.shape[:-1] + (v.shape[-1],))
+
+    if r.strided_out and bshd_out:  # the kernel writes (B, S, H, Dv) and the caller wants that layout
+        def run(q, k, v, scale):
+            if grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+                return None
+            B, H, S, _ = q.shape
+            out = q.new_empty((B, S, H, v.shape[-1])).transpose(1, 2)
+            fn(q, k, v, out, scale, **tensors)
+            return out
+    elif r.strided_out:
+        def run(q, k, v, scale):
+            if grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+                return None
+            out = alloc(q, v)
+            fn(q, k, v, out, scale, **tensors)
+            return out
+    else:  # verified on contiguous inputs only: other layouts go through forward (it copies)
+        def run(q, k, v, scale):
+            if grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+                return None
+            if not (q.is_contiguous() and k.is_contiguous() and v.is_contiguous()):
+                return None
+            out = empty_like(q) if same_dv else q.new_empty(q.shape[:-1] + (v.shape[-1],))
+            fn(q, k, v, out, scale, **tensors)
+            return out
+
+    return run
 
 
 def _resolve(spec: AttentionSpec, variant: Variant, device: torch.device, policy: str) -> Resolved:
