@@ -202,7 +202,9 @@ def test_flex_still_times_when_sdpa_inputs_do_not_fit(monkeypatch):
 
     monkeypatch.setattr(fallback, "sdpa_inputs", oom)
     q, k, v = (torch.randn(1, 4, 256, 64, device="cuda", dtype=torch.bfloat16) for _ in range(3))
-    var = (V.causal() + V.relative_bias(torch.randn(4, 511))).to("cuda")
+    # ALiBi (SDPA needs its dense bias): Flex's own compile of relative bias at D=64 asks for more
+    # shared memory than the H200 has (240 KiB; session 6), which is Flex's failure, not ours
+    var = (V.causal() + V.alibi(4)).to("cuda")
     base, notes = timing.time_baselines([(q, k, v, torch.empty_like(q))], var, 0.125,
                                         {"warmup_ms": 5, "rep_ms": 20})
     assert set(base) == {"flex"} and base["flex"] > 0, notes

@@ -328,6 +328,8 @@ def _bit_diff(a: torch.Tensor, b: torch.Tensor) -> tuple[int, tuple | None, floa
     """(elements that differ in bits, first differing position, max |a-b| over finite values)."""
     if a.shape != b.shape or a.dtype != b.dtype:
         return a.numel(), None, float("inf")
+    if b.device != a.device:  # a score_mod's captured tensor stays on the caller's GPU; outputs come back on the CPU
+        b = b.to(a.device)
     ne = _bits(a) != _bits(b)
     n = int(ne.sum())
     if not n:
