@@ -244,3 +244,48 @@ def test_real_triton_kernel_loads_and_runs_in_a_fresh_process(kc):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_real_triton_kernel_loads_and_runs_in_a_fresh_process_gpu(kc, dtype):
     _fresh_process_roundtrip(kc, dtype, "cuda", (2, 8, 1024, 64))
+
+
+def _hot_path_roundtrip(kc, dtype, device, shape, monkeypatch):
+    """A cached real Triton kernel through the public API: the first call resolves and loads it
+    (dispatch.forward), every repeat takes the front end's hot runner; each output against the
+    reference, explicit scales included, and the HF (B, S, H, D)-output call too."""
+    import torch_r1attn as r1
+    from torch_r1attn import dispatch, functional
+
+    B, H, S, D = shape
+    spec, (q, k, v), scale, checks = make_problem(dtype, B=B, H=H, Sq=S, Sk=S, D=D, device=device)
+    store_kernel(kc, spec, checks)
+    ref = checks["c0.ref"]
+    out = r1.attention(q, k, v, on_miss="off")
+    assert dispatch.status()[0]["kernel"], dispatch.status()
+    assert_close_to_ref(out.cpu(), ref, checks["c0.baseline"])
+    forwards = []
+    real = dispatch.forward
+    monkeypatch.setattr(dispatch, "forward", lambda *a, **kw: forwards.append(1) or real(*a, **kw))
+    for _ in range(3):
+        again = r1.attention(q, k, v)
+        assert again.data_ptr() != out.data_ptr()
+        assert_close_to_ref(again.cpu(), ref, checks["c0.baseline"])
+    assert forwards == []  # every repeat took the hot runner
+    half = r1.attention(q, k, v, scale=scale / 2)  # a different scale reaches the kernel
+    from torch_r1attn.reference import reference_attention
+    from torch_r1attn.variants import Variant
+
+    ref_half = reference_attention(q.cpu(), k.cpu(), v.cpu(), Variant(), scale / 2)
+    assert_close_to_ref(half.cpu(), ref_half)
+    hf_out = functional._attention(q, k, v, scale=scale, bshd_out=True)  # the transformers integration's call
+    assert_close_to_ref(hf_out.cpu(), ref, checks["c0.baseline"])
+    assert forwards == [1]  # the first (B, S, H, D)-output call resolves its own runner
+    functional._attention(q, k, v, scale=scale, bshd_out=True)
+    assert forwards == [1]
+
+
+def test_cached_kernel_repeat_calls_take_the_hot_runner(kc, monkeypatch):
+    _hot_path_roundtrip(kc, torch.float16, "cpu", (1, 2, 32, 16), monkeypatch)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_cached_kernel_repeat_calls_take_the_hot_runner_gpu(kc, dtype, monkeypatch):
+    _hot_path_roundtrip(kc, dtype, "cuda", (2, 8, 1024, 64), monkeypatch)
