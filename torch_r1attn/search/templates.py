@@ -593,7 +593,7 @@ def _doc_ranges_kernel(DOC, R, sb, sl, Sq, Sk, OFFSET, QBLOCK, LU, BLOCK: tl.con
 def _doc_ranges(d, sb, sl, rows, Sq, Sk, offset, qblock, nblk):
     lu = max(Sk, Sq + offset)
     r = torch.empty((rows, nblk, 4), dtype=torch.int32, device=d.device)
-    _doc_ranges_kernel[(nblk, rows)](d, r, sb, sl, Sq, Sk, offset, qblock, lu, BLOCK=min(1024, triton.next_power_of_2(lu)))
+    _doc_ranges_kernel[(nblk, rows)](d, r, sb, sl, Sq, Sk, offset, qblock, lu, BLOCK=min(1024, _next_pow2(lu)))
     return r
 '''
 
@@ -607,20 +607,31 @@ def _need(vt, name, q):
     return t
 
 
+def _cdiv(a, b):
+    # host integers; triton.cdiv / next_power_of_2 are constexpr functions that cost ~2 us per
+    # call on the host (Triton 3.9), several times per launch
+    return -(-a // b)
+
+
+def _next_pow2(n):
+    return 1 << (n - 1).bit_length() if n > 1 else 1
+
+
 def _shapes(q, k, v, out):
-    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4 or out.dim() != 4:
+    qs, ks, vs, os_ = q.shape, k.shape, v.shape, out.shape
+    if len(qs) != 4 or len(ks) != 4 or len(vs) != 4 or len(os_) != 4:
         raise ValueError("q, k, v, out must be 4-D (B, H, S, D)")
-    B, H, Sq, D = q.shape
-    Bk, HKV, Sk, Dk = k.shape
-    if (Bk, HKV, Sk) != tuple(v.shape[:3]) or Bk != B or Dk != D:
-        raise ValueError(f"k {tuple(k.shape)} / v {tuple(v.shape)} do not match q {tuple(q.shape)}")
-    if D != HEAD_DIM or v.shape[3] != HEAD_DIM_V:
-        raise ValueError(f"this kernel is built for head dims {HEAD_DIM}/{HEAD_DIM_V}, got {D}/{v.shape[3]}")
+    B, H, Sq, D = qs
+    Bk, HKV, Sk, Dk = ks
+    if vs[0] != Bk or vs[1] != HKV or vs[2] != Sk or Bk != B or Dk != D:
+        raise ValueError(f"k {tuple(ks)} / v {tuple(vs)} do not match q {tuple(qs)}")
+    if D != HEAD_DIM or vs[3] != HEAD_DIM_V:
+        raise ValueError(f"this kernel is built for head dims {HEAD_DIM}/{HEAD_DIM_V}, got {D}/{vs[3]}")
     if H != HKV * GQA:
         raise ValueError(f"this kernel is built for {GQA} query heads per kv head, got {H}/{HKV}")
-    if tuple(out.shape) != (B, H, Sq, HEAD_DIM_V):
-        raise ValueError(f"out has shape {tuple(out.shape)}, expected {(B, H, Sq, HEAD_DIM_V)}")
-    if q.dtype != DTYPE or k.dtype != DTYPE or v.dtype != DTYPE or out.dtype != DTYPE:
+    if os_ != (B, H, Sq, HEAD_DIM_V):
+        raise ValueError(f"out has shape {tuple(os_)}, expected {(B, H, Sq, HEAD_DIM_V)}")
+    if q.dtype is not DTYPE or k.dtype is not DTYPE or v.dtype is not DTYPE or out.dtype is not DTYPE:
         raise TypeError(f"this kernel is built for {DTYPE}, got {q.dtype}/{k.dtype}/{v.dtype}/{out.dtype}")
     return B, H, HKV, Sq, Sk
 '''
@@ -649,7 +660,7 @@ def _host_prefill(vc: VariantCode, cfg, spec, factor: float, align_br: bool) -> 
         "B, H, HKV, Sq, Sk = _shapes(q, k, v, out)",
         f"offset = Sk - Sq" if align_br else "offset = 0",
         f"qk_mul = float(scale) * {factor!r}",
-        "NUM_M = triton.cdiv(Sq, BLOCK_M)",
+        "NUM_M = _cdiv(Sq, BLOCK_M)",
         "_QBLOCK, _NQBLK = BLOCK_M, NUM_M",
     ]
     b += vc.lines("host")
@@ -673,13 +684,13 @@ def _host_decode(vc: VariantCode, cfg, spec, factor: float, align_br: bool) -> l
         "B, H, HKV, Sq, Sk = _shapes(q, k, v, out)",
         "offset = Sk - Sq" if align_br else "offset = 0",
         f"qk_mul = float(scale) * {factor!r}",
-        "nm = triton.cdiv(GQA * Sq, BLOCK_M)",
+        "nm = _cdiv(GQA * Sq, BLOCK_M)",
         "ns = NUM_SPLITS",
         "if ns == 0:",
-        "    ns = triton.cdiv(2 * _num_sms(q.device), B * HKV * nm)",
-        "ns = max(1, min(ns, triton.cdiv(Sk, BLOCK_N)))",
-        "chunk = triton.cdiv(triton.cdiv(Sk, ns), BLOCK_N) * BLOCK_N",
-        "ns = triton.cdiv(Sk, chunk)",
+        "    ns = _cdiv(2 * _num_sms(q.device), B * HKV * nm)",
+        "ns = max(1, min(ns, _cdiv(Sk, BLOCK_N)))",
+        "chunk = _cdiv(_cdiv(Sk, ns), BLOCK_N) * BLOCK_N",
+        "ns = _cdiv(Sk, chunk)",
         "# split-KV partials: small fp32 scratch, merged into out by _attn_combine",
         "acc = torch.empty((B * H * Sq, ns, HEAD_DIM_V), dtype=torch.float32, device=q.device)",
         "lse = torch.empty((B * H * Sq, ns), dtype=torch.float32, device=q.device)",
@@ -693,7 +704,7 @@ def _host_decode(vc: VariantCode, cfg, spec, factor: float, align_br: bool) -> l
         "    GQA=GQA, D=HEAD_DIM, DV=HEAD_DIM_V, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D,",
         f"    BLOCK_DV=BLOCK_DV, FAST_TANH=FAST_TANH, {_constexpr_args(vc)}num_warps=NUM_WARPS, num_stages=NUM_STAGES)",
         "_attn_combine[(B * H * Sq,)](acc, lse, out, H, Sq, ns, *out.stride(), DV=HEAD_DIM_V,",
-        "                             BLOCK_S=triton.next_power_of_2(ns), BLOCK_DV=BLOCK_DV)",
+        "                             BLOCK_S=_next_pow2(ns), BLOCK_DV=BLOCK_DV)",
     ]
     return b
 
