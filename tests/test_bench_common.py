@@ -27,3 +27,23 @@ def test_interleaved_host_us_pairs_rounds_and_orders():
 def test_interleaved_host_us_rejects_empty_work():
     with pytest.raises(ValueError, match="at least one"):
         interleaved_host_us({}, rounds=3)
+
+
+def test_dispatch_overhead_noop_tool_runs_on_the_cpu(tmp_path):
+    """`dispatch_overhead.py --noop` (the host's Python path without a GPU, run on the H200 host
+    to see how fast it runs our code) keeps working: every path timed, overhead positive."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "OUT": str(tmp_path), "PYTHONPATH": str(repo)}
+    p = subprocess.run([sys.executable, str(repo / "benchmarks" / "dispatch_overhead.py"), "--noop",
+                        "--variant", "sliding_window", "--s", "33", "--d", "16"],
+                       capture_output=True, text=True, env=env, timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    res = json.loads((tmp_path / "dispatch_overhead_noop_sliding_window.json").read_text())
+    assert {"direct", "direct_alloc", "r1", "r1-direct", "r1-direct_alloc"} <= set(res)
+    assert res["r1"]["median"] > res["direct"]["median"] > 0
