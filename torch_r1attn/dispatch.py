@@ -154,18 +154,21 @@ def forward(q, k, v, variant: Variant, scale: float, enable_gqa: bool, dropout_p
     return fallback.run(r.path, q, k, v, variant, scale, enable_gqa, dropout_p)
 
 
-def hot_runner(key: tuple, variant: Variant, bshd_out: bool = False) -> Callable | None:
+def hot_runner(key: tuple, variant: Variant, bshd_out: bool = False) -> Callable | bool | None:
     """A launcher for repeat calls of a *settled* table entry (kernel loaded, its SUPPORTS checked
-    and passed, no search pending), or None. The front end keeps it beside its validation memo,
-    so a repeat call with the same shapes, dtypes, devices and variant costs one dict lookup and
-    this closure: what :func:`forward` decides per call (grad, layout) it still decides, the rest
-    is fixed by the key. It returns None when the call needs :func:`forward` (the caller then
-    goes there). Dropped on :func:`reset`."""
+    and passed, no search pending). The front end keeps it beside its validation memo, so a
+    repeat call with the same shapes, dtypes, devices and variant costs one dict lookup and this
+    closure: what :func:`forward` decides per call (grad, layout) it still decides, the rest is
+    fixed by the key; the closure returns None when a call needs :func:`forward` after all.
+
+    Returns None while the entry may still settle on a kernel (ask again after a later call), and
+    False when it never will (a fallback verdict, or the kernel does not support the calls): the
+    front end then stops asking. Runners are dropped on :func:`reset`."""
     r = _table.get(key)
-    if r is None or r.kernel is None or r.pending is not None or r.unsupported is not None:
+    if r is None or r.pending is not None or (r.kernel is not None and r.unsupported is _UNCHECKED):
         return None
-    if key[1] not in _KERNEL_DTYPES:
-        return None
+    if r.kernel is None or r.unsupported is not None or key[1] not in _KERNEL_DTYPES:
+        return False
     fn, tensors = r.kernel.fn, variant.tensors()
     grad_enabled, empty_like, contiguous = torch.is_grad_enabled, torch.empty_like, torch.contiguous_format
     same_dv = key[2] == key[3]  # q's and v's head dims (fixed by the key, so by every call here)

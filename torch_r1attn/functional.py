@@ -84,9 +84,9 @@ def _attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False
             memo = _validated.get(fk)
             if memo is None and query.dim() == 4 and key.dim() == 4 and value.dim() == 4:
                 memo = _length_hit(fk, query, key, value)
-            if memo is not None and on_miss is None and dropout_p == 0.0:
+            if memo is not None and dropout_p == 0.0:  # on_miss only matters on a table miss
                 run = memo.run_bshd if bshd_out else memo.run
-                if run is not None and (scale is None or (type(scale) is float and _NEG_INF < scale < _INF)):
+                if run and (scale is None or (type(scale) is float and _NEG_INF < scale < _INF)):
                     out = run(query, key, value, memo.default_scale if scale is None else scale)
                     if out is not None:
                         return out
@@ -115,7 +115,8 @@ def _attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False
     out = dispatch.forward(query, key, value, variant, scale, enable_gqa, float(dropout_p), on_miss, memo.tkey,
                            bshd_out)
     if fk is not None and (memo.run_bshd if bshd_out else memo.run) is None and memo.tkey is not None:
-        # the entry may have settled on a kernel (now, or when a background search finished)
+        # the entry may have settled on a kernel (now, or when a background search finished);
+        # False: it never will, stop asking
         run = dispatch.hot_runner(memo.tkey, variant, bshd_out)
         if bshd_out:
             memo.run_bshd = run
@@ -129,7 +130,7 @@ class _Memo:
     (once the entry runs a loaded kernel) dispatch's hot runners for the plain and the
     (B, S, H, D)-output call. Shared by every call with the same memo key."""
 
-    __slots__ = ("variant", "default_scale", "tkey", "run", "run_bshd")
+    __slots__ = ("variant", "default_scale", "tkey", "run", "run_bshd")  # run*: None = ask dispatch again, False = never
 
     def __init__(self, variant: Variant, default_scale: float, tkey: tuple | None):
         self.variant, self.default_scale, self.tkey = variant, default_scale, tkey
