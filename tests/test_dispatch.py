@@ -166,13 +166,38 @@ def test_hot_runner_waits_for_a_settled_entry(inject):
     assert dispatch.hot_runner(key, var) is None
     dispatch._table[key].pending = None
     assert dispatch.hot_runner(key, var) is not None
-    dispatch._table[key].unsupported = "Sk above the kernel's maximum"
-    assert dispatch.hot_runner(key, var) is False  # never: the front end stops asking
-    dispatch._table[key].kernel = None
-    dispatch._table[key].unsupported = _UNCHECKED
-    assert dispatch.hot_runner(key, var) is False  # a fallback verdict
+    assert dispatch.hot_runner(key, var) is not None
     dispatch._table[key].pending = object()
-    assert dispatch.hot_runner(key, var) is None  # ... unless a search may still store a kernel
+    assert dispatch.hot_runner(key, var) is None  # a search may still store a kernel
+    assert dispatch.hot_runner(key[:1] + (torch.float64,) + key[2:], var) is False  # never tabled
+
+
+@pytest.mark.parametrize("how", ["unsupported", "verdict"])
+def test_fallback_entries_get_a_runner_that_runs_the_fallback(inject, monkeypatch, how):
+    """A kernel that does not support the calls, or a fallback verdict: repeat calls run the
+    entry's fallback path without forward, with the same result (grad still goes through forward)."""
+    import torch.nn.functional as F
+
+    var = V.causal()
+    q, k, v = (torch.randn(1, 4, 9, 16) for _ in range(3))
+    kern = inject(q, k, v, var)
+    r = dispatch._table[table_key(q, k, v, var)]
+    if how == "unsupported":
+        kern.unsupported = lambda q, k, v: "Sk above the kernel's maximum"
+    else:
+        r.kernel = None
+    r.path = "sdpa"
+    first = r1.attention(q, k, v, variant=var)
+    forwards = []
+    real = dispatch.forward
+    monkeypatch.setattr(dispatch, "forward", lambda *a, **kw: forwards.append(1) or real(*a, **kw))
+    again = r1.attention(q, k, v, variant=var, scale=0.3)
+    ref = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=0.3)
+    assert forwards == [] and kern.outs == []
+    torch.testing.assert_close(again, ref)
+    torch.testing.assert_close(first, F.scaled_dot_product_attention(q, k, v, is_causal=True))
+    r1.attention(q.clone().requires_grad_(), k, v, variant=var)
+    assert forwards == [1]
 
 
 def test_fallback_entries_are_asked_for_a_runner_once(monkeypatch):

@@ -154,21 +154,24 @@ def forward(q, k, v, variant: Variant, scale: float, enable_gqa: bool, dropout_p
     return fallback.run(r.path, q, k, v, variant, scale, enable_gqa, dropout_p)
 
 
-def hot_runner(key: tuple, variant: Variant, bshd_out: bool = False) -> Callable | bool | None:
-    """A launcher for repeat calls of a *settled* table entry (kernel loaded, its SUPPORTS checked
-    and passed, no search pending). The front end keeps it beside its validation memo, so a
-    repeat call with the same shapes, dtypes, devices and variant costs one dict lookup and this
-    closure: what :func:`forward` decides per call (grad, layout) it still decides, the rest is
-    fixed by the key; the closure returns None when a call needs :func:`forward` after all.
+def hot_runner(key: tuple, variant: Variant, bshd_out: bool = False,
+               enable_gqa: bool = False) -> Callable | bool | None:
+    """A runner for repeat calls of a *settled* table entry: a loaded kernel whose SUPPORTS was
+    checked, or a fallback verdict, with no search pending. The front end keeps it beside its
+    validation memo, so a repeat call with the same shapes, dtypes, devices and variant costs one
+    dict lookup and this closure: what :func:`forward` decides per call (grad, layout) it still
+    decides, the rest is fixed by the key; the closure returns None when a call needs
+    :func:`forward` after all.
 
-    Returns None while the entry may still settle on a kernel (ask again after a later call), and
-    False when it never will (a fallback verdict, or the kernel does not support the calls): the
-    front end then stops asking. Runners are dropped on :func:`reset`."""
+    Returns None while the entry may still change (ask again after a later call), False when no
+    runner applies (the front end stops asking). Runners are dropped on :func:`reset`."""
+    if key[1] not in _KERNEL_DTYPES:
+        return False  # forward never tables these (float64): always its first branch
     r = _table.get(key)
     if r is None or r.pending is not None or (r.kernel is not None and r.unsupported is _UNCHECKED):
         return None
-    if r.kernel is None or r.unsupported is not None or key[1] not in _KERNEL_DTYPES:
-        return False
+    if r.kernel is None or r.unsupported is not None:
+        return _fallback_runner(r.path, variant, enable_gqa)
     fn, tensors = r.kernel.fn, variant.tensors()
     grad_enabled, empty_like, contiguous = torch.is_grad_enabled, torch.empty_like, torch.contiguous_format
     same_dv = key[2] == key[3]  # q's and v's head dims (fixed by the key, so by every call here)
@@ -202,6 +205,19 @@ def hot_runner(key: tuple, variant: Variant, bshd_out: bool = False) -> Callable
             out = empty_like(q) if same_dv else q.new_empty(q.shape[:-1] + (v.shape[-1],))
             fn(q, k, v, out, scale, **tensors)
             return out
+
+    return run
+
+
+def _fallback_runner(path: str, variant: Variant, enable_gqa: bool) -> Callable:
+    """Repeat calls of a fallback verdict: what :func:`forward` runs for them, minus the table
+    lookup (grad goes through forward, which logs why it picked a differentiable path)."""
+    grad_enabled, run_path = torch.is_grad_enabled, fallback.run
+
+    def run(q, k, v, scale):
+        if grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+            return None
+        return run_path(path, q, k, v, variant, scale, enable_gqa)
 
     return run
 

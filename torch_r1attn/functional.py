@@ -117,7 +117,7 @@ def _attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False
     if fk is not None and (memo.run_bshd if bshd_out else memo.run) is None and memo.tkey is not None:
         # the entry may have settled on a kernel (now, or when a background search finished);
         # False: it never will, stop asking
-        run = dispatch.hot_runner(memo.tkey, variant, bshd_out)
+        run = dispatch.hot_runner(memo.tkey, variant, bshd_out, enable_gqa)
         if bshd_out:
             memo.run_bshd = run
         else:
