@@ -212,3 +212,50 @@ def test_fallback_entries_are_asked_for_a_runner_once(monkeypatch):
         r1.attention(q, k, v, variant=var, on_miss="off")
     assert len(asked) == 1
     dispatch.reset()
+
+
+def _outcome(fn):
+    try:
+        out = fn()
+    except Exception as e:  # noqa: BLE001 - the outcome is the comparison
+        return type(e).__name__, str(e).split(",")[0]
+    return "ok", tuple(out.shape), out.stride()
+
+
+@pytest.mark.parametrize("case", ["dropout_false", "dropout_none", "dropout_np", "dropout_tensor", "dropout_int",
+                                  "gqa_int", "scale_np", "decode_q_strides"])
+def test_a_hot_repeat_call_behaves_like_the_first(inject, case):
+    """Whatever the first (validated) call of a signature does with an argument, error or result
+    layout, a repeat call that could take the hot runner does the same (review of session 6)."""
+    import numpy as np
+
+    var = V.causal()
+    q, k, v = torch.randn(1, 4, 9, 16), torch.randn(1, 2, 9, 16), torch.randn(1, 2, 9, 16)
+    kw = {"variant": var, "enable_gqa": True}
+    if case == "decode_q_strides":  # (B, 1, H, D) transposed: contiguous, odd strides on the size-1 dim
+        q = torch.randn(1, 1, 4, 16).transpose(1, 2)
+        k, v = torch.randn(1, 2, 9, 16), torch.randn(1, 2, 9, 16)
+        kw["variant"] = var = V.causal(align="bottom_right")
+    odd = {"dropout_false": {"dropout_p": False}, "dropout_none": {"dropout_p": None},
+           "dropout_np": {"dropout_p": np.float32(0.0)}, "dropout_tensor": {"dropout_p": torch.tensor(0.0)},
+           "dropout_int": {"dropout_p": 0}, "gqa_int": {"enable_gqa": 1},
+           "scale_np": {"scale": np.float64(0.5)}, "decode_q_strides": {}}[case]
+    for entry in ("kernel", "fallback"):
+        dispatch.reset()
+        kern = inject(q, k, v, var, strided_out=True)
+        if entry == "fallback":
+            dispatch._table[table_key(q, k, v, var)].kernel = None
+            dispatch._table[table_key(q, k, v, var)].path = "sdpa"
+        cold = _outcome(lambda: r1.attention(q, k, v, **{**kw, **odd}))
+        dispatch.reset()
+        kern = inject(q, k, v, var, strided_out=True)
+        if entry == "fallback":
+            dispatch._table[table_key(q, k, v, var)].kernel = None
+            dispatch._table[table_key(q, k, v, var)].path = "sdpa"
+        r1.attention(q, k, v, **kw)
+        r1.attention(q, k, v, **kw)  # the memo now holds a runner
+        hot = _outcome(lambda: r1.attention(q, k, v, **{**kw, **odd}))
+        assert hot == cold, (entry, case)
+        if case == "decode_q_strides" and entry == "kernel":
+            assert cold[0] == "ok" and cold[2] == (64, 16, 16, 1)  # forward's contiguous output
+        del kern

@@ -178,7 +178,7 @@ def hot_runner(key: tuple, variant: Variant, bshd_out: bool = False,
 
     def alloc(q, v):  # a contiguous (B, H, S, Dv) output: empty_like is ~3x cheaper than torch.empty
         if same_dv:
-            return empty_like(q) if q.is_contiguous() else empty_like(q, memory_format=contiguous)
+            return empty_like(q, memory_format=contiguous)  # standard strides, as forward's
         return q.new_empty(q.shape[:-1] + (v.shape[-1],))
 
     if r.strided_out and bshd_out:  # the kernel writes (B, S, H, Dv) and the caller wants that layout
@@ -202,7 +202,7 @@ def hot_runner(key: tuple, variant: Variant, bshd_out: bool = False,
                 return None
             if not (q.is_contiguous() and k.is_contiguous() and v.is_contiguous()):
                 return None
-            out = empty_like(q) if same_dv else q.new_empty(q.shape[:-1] + (v.shape[-1],))
+            out = empty_like(q, memory_format=contiguous) if same_dv else q.new_empty(q.shape[:-1] + (v.shape[-1],))
             fn(q, k, v, out, scale, **tensors)
             return out
 

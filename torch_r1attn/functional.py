@@ -84,7 +84,7 @@ def _attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False
             memo = _validated.get(fk)
             if memo is None and query.dim() == 4 and key.dim() == 4 and value.dim() == 4:
                 memo = _length_hit(fk, query, key, value)
-            if memo is not None and dropout_p == 0.0:  # on_miss only matters on a table miss
+            if memo is not None and type(dropout_p) is float and dropout_p == 0.0:  # on_miss: only on a miss
                 run = memo.run_bshd if bshd_out else memo.run
                 if run and (scale is None or (type(scale) is float and _NEG_INF < scale < _INF)):
                     out = run(query, key, value, memo.default_scale if scale is None else scale)
@@ -104,9 +104,10 @@ def _attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False
                 if len(_by_length) >= 512:
                     _by_length.clear()
                 _by_length[_length_key(fk)] = memo
-    elif scale is not None or dropout_p:
-        _check_scalars(scale, dropout_p)
+    elif scale is not None or not (type(dropout_p) is float and dropout_p == 0.0):
+        _check_scalars(scale, dropout_p)  # the memo skips validation: not these per-call scalars
     variant = memo.variant
+    enable_gqa = bool(enable_gqa)  # 1 and True share a memo; SDPA (a fallback) takes a bool only
     scale = memo.default_scale if scale is None else float(scale)
     if compiling:  # dispatch is not traceable: one opaque op in the graph
         from .ops import attention_op
