@@ -100,6 +100,7 @@ def _attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False
             if len(_validated) >= 512:
                 _validated.clear()
             _validated[fk] = memo
+            memo.kept = True
             if query.dim() == 4 and key.dim() == 4 and value.dim() == 4:
                 if len(_by_length) >= 512:
                     _by_length.clear()
@@ -115,7 +116,7 @@ def _attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False
         return attention_op(query, key, value, variant, scale, enable_gqa, float(dropout_p), on_miss)
     out = dispatch.forward(query, key, value, variant, scale, enable_gqa, float(dropout_p), on_miss, memo.tkey,
                            bshd_out)
-    if fk is not None and (memo.run_bshd if bshd_out else memo.run) is None and memo.tkey is not None:
+    if memo.kept and (memo.run_bshd if bshd_out else memo.run) is None and memo.tkey is not None:
         # the entry may have settled on a kernel (now, or when a background search finished);
         # False: it never will, stop asking
         run = dispatch.hot_runner(memo.tkey, variant, bshd_out, enable_gqa)
@@ -131,11 +132,14 @@ class _Memo:
     (once the entry runs a loaded kernel) dispatch's hot runners for the plain and the
     (B, S, H, D)-output call. Shared by every call with the same memo key."""
 
-    __slots__ = ("variant", "default_scale", "tkey", "run", "run_bshd")  # run*: None = ask dispatch again, False = never
+    # run*: None = ask dispatch again, False = never; kept: in the memo (a memo not kept, e.g. for
+    # a variant holding a big mask, is rebuilt every call and gets no runner)
+    __slots__ = ("variant", "default_scale", "tkey", "run", "run_bshd", "kept")
 
     def __init__(self, variant: Variant, default_scale: float, tkey: tuple | None):
         self.variant, self.default_scale, self.tkey = variant, default_scale, tkey
         self.run = self.run_bshd = None
+        self.kept = False
 
 
 _Tensor = torch.Tensor
