@@ -148,6 +148,35 @@ def interleaved_host_us(fns: dict[str, Callable[[], object]], rounds: int = 15, 
     return out
 
 
+def wrapper_host_us(fn: Callable, args: tuple, kwargs: dict | None = None, rounds: int = 15,
+                    calls: int = 300) -> float:
+    """Host µs per call of a loaded kernel's own Python (its generated ``forward``: checks, grid,
+    argument packing) with every Triton launch in its module replaced by a no-op, so that
+    ``direct - this`` is what Triton's launcher costs. The module's launchers are restored
+    afterwards, also on error."""
+    g = getattr(fn, "__globals__", None)
+    if g is None:
+        raise TypeError("wrapper_host_us needs the kernel module's forward function")
+
+    class _NoLaunch:
+        def __getitem__(self, grid):
+            return _no_launch
+
+    def _no_launch(*a, **k):
+        return None
+
+    jitted = {n: o for n, o in g.items()
+              if type(o).__module__.startswith("triton.") and hasattr(type(o), "__getitem__")}
+    if not jitted:
+        raise ValueError("no Triton kernel launcher found in the kernel module")
+    try:
+        g.update({n: _NoLaunch() for n in jitted})
+        kw = kwargs or {}
+        return interleaved_host_us({"wrapper": lambda: fn(*args, **kw)}, rounds=rounds, calls=calls)["wrapper"]["median"]
+    finally:
+        g.update(jitted)
+
+
 def bench_gpu(fn: Callable, sets: list, warmup_ms: float = 50, rep_ms: float = 300) -> float:
     """Median GPU ms of ``fn(*inputs)`` under the verifier's timing protocol 2
     (:func:`torch_r1attn.verify.timing.bench`): an L2 flush before every rep, inputs rotated, and

@@ -47,3 +47,31 @@ def test_dispatch_overhead_noop_tool_runs_on_the_cpu(tmp_path):
     res = json.loads((tmp_path / "dispatch_overhead_noop_sliding_window.json").read_text())
     assert {"direct", "direct_alloc", "r1", "r1-direct", "r1-direct_alloc"} <= set(res)
     assert res["r1"]["median"] > res["direct"]["median"] > 0
+
+
+def test_wrapper_host_us_stubs_the_launch_and_restores_it(tmp_path):
+    """The attribution of a direct launch's host time (our generated wrapper vs Triton's launcher)
+    runs the real generated forward with its launches stubbed out, then puts them back."""
+    import torch
+
+    from benchmarks.common import wrapper_host_us
+    from torch_r1attn import variants as V
+    from torch_r1attn.loader import load_source_file
+    from torch_r1attn.problem import Problem
+    from torch_r1attn.search.templates import generate_source
+    from torch_r1attn.spec import AttentionSpec
+
+    q, k, v = (torch.randn(1, 2, 17, 16, dtype=torch.float16) for _ in range(3))
+    var = V.causal()
+    spec = AttentionSpec.from_call(q, k, v, var.key)
+    prob = Problem(spec=spec, variant=var, shape=(1, 2, 2, 17, 17), device="cpu")
+    path = tmp_path / "k.py"
+    path.write_text(generate_source(prob))
+    kern = load_source_file(path)
+    out = torch.full_like(q, float("nan"))
+    us = wrapper_host_us(kern.fn, (q, k, v, out, 0.25), rounds=3, calls=20)
+    assert us > 0 and bool(out.isnan().all())  # nothing launched while stubbed
+    kern(q, k, v, out, 0.25)  # the real launch is back
+    assert not bool(out.isnan().any())
+    with pytest.raises(TypeError):
+        wrapper_host_us(object(), ())
