@@ -38,7 +38,10 @@ case "${step:-tests}" in
     R1ATTN_WORKERS=${workers:-4} R1ATTN_SAMPLES=8 R1ATTN_ROUNDS=2 timeout ${t_bench:-560} \
       python3 benchmarks/bench_variants.py --shape "${shape:-B4_H32_S4096_D128}" --prewarm-gpus "${gpus:-all}" \
       --budget ${budget:-30} --quick $(for v in ${variants:-}; do echo --variant $v; done) 2>&1 | tee "$OUT/bench.log" | grep -E "^B|geometric|\|" || true
-    save_reports ;;
+    save_reports
+    # at most 8 files come back from a device call: the table (md, json, png) stays on top, the rest in one tgz
+    (cd "$OUT" && tar czf bench_extras.tgz --remove-files $(ls bench.log prewarm_searches.json search_reports.tgz \
+      prewarm_done 2>/dev/null)) || true ;;
   e2e)
     fresh_cache
     # per model: "name:prefill length timed" (generation always starts from a 240-token prompt);
