@@ -202,7 +202,7 @@ def hot_runner(key: tuple, variant: Variant, bshd_out: bool = False,
                 return None
             if not (q.is_contiguous() and k.is_contiguous() and v.is_contiguous()):
                 return None
-            out = empty_like(q, memory_format=contiguous) if same_dv else q.new_empty(q.shape[:-1] + (v.shape[-1],))
+            out = alloc(q, v)
             fn(q, k, v, out, scale, **tensors)
             return out
 
