@@ -3,7 +3,8 @@
 # (device tool: carry .whl; see README "Set up, run, test" for the wheel list). Each step fits in
 # one 10-minute device command; results land in $OUT (copy them into benchmarks/results/).
 #   step=tests   pytest -m gpu, every file (xdist by file, verifier alone)  (~5-7 min)
-#   step=bench   prewarm + the variant suite vs peers at one anchor shape    (~9 min; variants="a b" splits it)
+#   step=bench   prewarm + the variant suite vs peers at one anchor shape    (~7 min at the default budget=20 s per signature;
+#                S2048 D64 at budget 30 did not fit one call in session 6; variants="a b" splits it)
 #   step=e2e     prewarm a Llama- and a Gemma-2-shaped model, then a fresh
 #                process with zero misses and its forward time vs sdpa       (~5 min)
 #   step=multi   all-GPU vs single-GPU prewarm of the same 8 Llama signatures (nvidia-h200-x2, ~8 min)
@@ -37,7 +38,7 @@ case "${step:-tests}" in
     # ~90 s per structured signature at S=4096 in session 2 (budget 30, 4 workers): one shape per call
     R1ATTN_WORKERS=${workers:-4} R1ATTN_SAMPLES=8 R1ATTN_ROUNDS=2 timeout ${t_bench:-560} \
       python3 benchmarks/bench_variants.py --shape "${shape:-B4_H32_S4096_D128}" --prewarm-gpus "${gpus:-all}" \
-      --budget ${budget:-30} --quick $(for v in ${variants:-}; do echo --variant $v; done) 2>&1 | tee "$OUT/bench.log" | grep -E "^B|geometric|\|" || true
+      --budget ${budget:-20} --quick $(for v in ${variants:-}; do echo --variant $v; done) 2>&1 | tee "$OUT/bench.log" | grep -E "^B|geometric|\|" || true
     save_reports
     # at most 8 files come back from a device call: the table (md, json, png) stays on top, the rest in one tgz
     (cd "$OUT" && tar czf bench_extras.tgz --remove-files $(ls bench.log prewarm_searches.json search_reports.tgz \
