@@ -41,6 +41,7 @@ from typing import Any, Callable
 import torch
 
 from .. import variants as V
+from ..functional import _attention
 from ..variants import Variant
 
 log = logging.getLogger(__name__)
@@ -255,8 +256,6 @@ def r1attn_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: 
     unless ``module.is_causal`` is False). Raises ValueError when a StructuredMask was made for
     other lengths than the call's, TypeError for any other mask type.
     """
-    from ..functional import _attention
-
     if kwargs.get("output_attentions", False) and not _compiling():
         log.warning("r1attn: output_attentions=True is not supported; returning None weights")
     Sq, Sk = query.shape[2], key.shape[2]
