@@ -148,6 +148,11 @@ def interleaved_host_us(fns: dict[str, Callable[[], object]], rounds: int = 15, 
     return out
 
 
+def triton_launchers(g: dict) -> dict:
+    """The ``@triton.jit`` objects (compiled or interpreted) in a kernel module's globals ``g``."""
+    return {n: o for n, o in g.items() if type(o).__module__.startswith("triton.") and hasattr(type(o), "__getitem__")}
+
+
 def wrapper_host_us(fn: Callable, args: tuple, kwargs: dict | None = None, rounds: int = 15,
                     calls: int = 300) -> float:
     """Host µs per call of a loaded kernel's own Python (its generated ``forward``: checks, grid,
@@ -165,8 +170,7 @@ def wrapper_host_us(fn: Callable, args: tuple, kwargs: dict | None = None, round
     def _no_launch(*a, **k):
         return None
 
-    jitted = {n: o for n, o in g.items()
-              if type(o).__module__.startswith("triton.") and hasattr(type(o), "__getitem__")}
+    jitted = triton_launchers(g)
     if not jitted:
         raise ValueError("no Triton kernel launcher found in the kernel module")
     try:

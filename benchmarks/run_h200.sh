@@ -2,7 +2,8 @@
 # Everything the GPU acceptance of the open issues needs, in the order to run it on the H200
 # (device tool: carry .whl; see README "Set up, run, test" for the wheel list). Each step fits in
 # one 10-minute device command; results land in $OUT (copy them into benchmarks/results/).
-#   step=tests   pytest -m gpu, every file (xdist by file, verifier alone)  (~5-7 min)
+#   step=tests   pytest -m gpu, every file (xdist by file, verifier alone),
+#                then benchmarks/launch_probe.py (launch host cost, 3 ways)  (~5-7 min)
 #   step=bench   prewarm + the variant suite vs peers at one anchor shape    (~7 min at the default budget=20 s per signature;
 #                S2048 D64 at budget 30 did not fit one call in session 6; variants="a b" splits it)
 #   step=e2e     prewarm a Llama- and a Gemma-2-shaped model, then a fresh
@@ -32,7 +33,10 @@ case "${step:-tests}" in
     timeout ${t_par:-330} python3 -m pytest -q -m gpu -n ${nproc_tests:-6} --dist loadfile -p no:cacheprovider \
       --durations=15 --ignore=tests/test_verify_gpu.py 2>&1 | tee "$OUT/gpu_tests.log" | tail -30 || true
     timeout ${t_ser:-150} python3 -m pytest -q -m gpu -p no:cacheprovider --durations=5 tests/test_verify_gpu.py 2>&1 \
-      | tee "$OUT/gpu_tests_verify.log" | tail -8 || true ;;
+      | tee "$OUT/gpu_tests_verify.log" | tail -8 || true
+    # host cost of a launch: our wrapper vs Triton's JITFunction vs a bound CompiledKernel (~30 s)
+    for v in sliding_window softcap_causal; do timeout 60 python3 benchmarks/launch_probe.py --variant $v || true; done \
+      2>&1 | tail -4 ;;
   bench)
     fresh_cache
     # ~90 s per structured signature at S=4096 in session 2 (budget 30, 4 workers): one shape per call

@@ -75,3 +75,36 @@ def test_wrapper_host_us_stubs_the_launch_and_restores_it(tmp_path):
     assert not bool(out.isnan().any())
     with pytest.raises(TypeError):
         wrapper_host_us(object(), ())
+
+
+def test_launch_probe_captures_and_binds_the_generated_launch(tmp_path):
+    """launch_probe's two pieces, under the interpreter: the generated forward's launch is
+    captured (and the module restored), and the bound argument list (every kernel parameter in
+    order, constexprs included) relaunches it to the same output."""
+    import torch
+
+    from benchmarks.launch_probe import bound_arguments, capture_launches
+    from torch_r1attn import variants as V
+    from torch_r1attn.loader import load_source_file
+    from torch_r1attn.problem import Problem
+    from torch_r1attn.search.templates import generate_source
+    from torch_r1attn.spec import AttentionSpec
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 17, 16, generator=g).to(torch.float16) for _ in range(3))
+    var = V.sliding_window(5)
+    spec = AttentionSpec.from_call(q, k, v, var.key)
+    path = tmp_path / "k.py"
+    path.write_text(generate_source(Problem(spec=spec, variant=var, shape=(1, 2, 2, 17, 17), device="cpu")))
+    kern = load_source_file(path)
+    out = torch.full_like(q, float("nan"))
+    log = capture_launches(kern.fn, (q, k, v, out, 0.25), {})
+    assert len(log) == 1 and not bool(out.isnan().any())
+    assert type(kern.fn.__globals__["_attn_fwd"]).__name__ != "_Capture"  # restored
+    jit, grid, a, kw, _ = log[0]
+    ba = bound_arguments(jit, a, kw)
+    assert len(ba) == len(__import__("inspect").signature(jit.fn).parameters)
+    again = torch.full_like(q, float("nan"))
+    jit[grid](*[again if x is out else x for x in ba], num_warps=kw.get("num_warps", 4),
+              num_stages=kw.get("num_stages", 1))
+    assert torch.equal(again, out)
