@@ -174,37 +174,26 @@ def hot_runner(key: tuple, variant: Variant, bshd_out: bool = False,
         return _fallback_runner(r.path, variant, enable_gqa)
     fn, tensors = r.kernel.fn, variant.tensors()
     grad_enabled, empty_like, contiguous = torch.is_grad_enabled, torch.empty_like, torch.contiguous_format
-    same_dv = key[2] == key[3]  # q's and v's head dims (fixed by the key, so by every call here)
-
-    def alloc(q, v):  # a contiguous (B, H, S, Dv) output: empty_like is ~3x cheaper than torch.empty
-        if same_dv:
-            return empty_like(q, memory_format=contiguous)  # standard strides, as forward's
-        return q.new_empty(q.shape[:-1] + (v.shape[-1],))
-
+    check_layout = not r.strided_out  # verified on contiguous inputs only: others go through forward (it copies)
     if r.strided_out and bshd_out:  # the kernel writes (B, S, H, Dv) and the caller wants that layout
-        def run(q, k, v, scale):
-            if grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
-                return None
+        def alloc(q, v):
             B, H, S, _ = q.shape
-            out = q.new_empty((B, S, H, v.shape[-1])).transpose(1, 2)
-            fn(q, k, v, out, scale, **tensors)
-            return out
-    elif r.strided_out:
-        def run(q, k, v, scale):
-            if grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
-                return None
-            out = alloc(q, v)
-            fn(q, k, v, out, scale, **tensors)
-            return out
-    else:  # verified on contiguous inputs only: other layouts go through forward (it copies)
-        def run(q, k, v, scale):
-            if grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
-                return None
-            if not (q.is_contiguous() and k.is_contiguous() and v.is_contiguous()):
-                return None
-            out = alloc(q, v)
-            fn(q, k, v, out, scale, **tensors)
-            return out
+            return q.new_empty((B, S, H, v.shape[-1])).transpose(1, 2)
+    elif key[2] == key[3]:  # q's and v's head dims, fixed by the key: empty_like is ~3x cheaper than torch.empty
+        def alloc(q, v):
+            return empty_like(q, memory_format=contiguous)  # standard strides, as forward's
+    else:
+        def alloc(q, v):
+            return q.new_empty(q.shape[:-1] + (v.shape[-1],))
+
+    def run(q, k, v, scale):
+        if grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+            return None
+        if check_layout and not (q.is_contiguous() and k.is_contiguous() and v.is_contiguous()):
+            return None
+        out = alloc(q, v)
+        fn(q, k, v, out, scale, **tensors)
+        return out
 
     return run
 
