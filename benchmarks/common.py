@@ -9,6 +9,7 @@ batch 32, 8 kv heads.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
@@ -153,15 +154,28 @@ def triton_launchers(g: dict) -> dict:
     return {n: o for n, o in g.items() if type(o).__module__.startswith("triton.") and hasattr(type(o), "__getitem__")}
 
 
+@contextlib.contextmanager
+def launchers_replaced(fn: Callable, make: Callable[[str, object], object]):
+    """Every Triton launcher in ``fn``'s module replaced by ``make(name, launcher)`` inside the
+    block, restored afterwards (also on error). Yields the originals ``{name: launcher}``."""
+    g = getattr(fn, "__globals__", None)
+    if g is None:
+        raise TypeError("needs a kernel module's function (its forward)")
+    jitted = triton_launchers(g)
+    if not jitted:
+        raise ValueError("no Triton kernel launcher found in the kernel module")
+    try:
+        g.update({n: make(n, j) for n, j in jitted.items()})
+        yield jitted
+    finally:
+        g.update(jitted)
+
+
 def wrapper_host_us(fn: Callable, args: tuple, kwargs: dict | None = None, rounds: int = 15,
                     calls: int = 300) -> float:
     """Host µs per call of a loaded kernel's own Python (its generated ``forward``: checks, grid,
     argument packing) with every Triton launch in its module replaced by a no-op, so that
-    ``direct - this`` is what Triton's launcher costs. The module's launchers are restored
-    afterwards, also on error."""
-    g = getattr(fn, "__globals__", None)
-    if g is None:
-        raise TypeError("wrapper_host_us needs the kernel module's forward function")
+    ``direct - this`` is what Triton's launcher costs."""
 
     class _NoLaunch:
         def __getitem__(self, grid):
@@ -170,15 +184,9 @@ def wrapper_host_us(fn: Callable, args: tuple, kwargs: dict | None = None, round
     def _no_launch(*a, **k):
         return None
 
-    jitted = triton_launchers(g)
-    if not jitted:
-        raise ValueError("no Triton kernel launcher found in the kernel module")
-    try:
-        g.update({n: _NoLaunch() for n in jitted})
-        kw = kwargs or {}
+    kw = kwargs or {}
+    with launchers_replaced(fn, lambda n, j: _NoLaunch()):
         return interleaved_host_us({"wrapper": lambda: fn(*args, **kw)}, rounds=rounds, calls=calls)["wrapper"]["median"]
-    finally:
-        g.update(jitted)
 
 
 def bench_gpu(fn: Callable, sets: list, warmup_ms: float = 50, rep_ms: float = 300) -> float:

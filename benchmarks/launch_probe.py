@@ -52,18 +52,11 @@ class _Capture:
 def capture_launches(fn, args: tuple, kwargs: dict) -> list[tuple]:
     """Run ``fn(*args, **kwargs)`` once with every Triton launch of its module recorded:
     ``[(jit_fn, grid, args, kwargs, compiled_kernel)]``; the module is restored afterwards."""
-    from benchmarks.common import triton_launchers
+    from benchmarks.common import launchers_replaced
 
-    g = fn.__globals__
-    jitted = triton_launchers(g)
-    if not jitted:
-        raise ValueError("no Triton kernel launcher found in the kernel module")
     log: list[tuple] = []
-    try:
-        g.update({n: _Capture(n, j, log) for n, j in jitted.items()})
+    with launchers_replaced(fn, lambda n, j: _Capture(n, j, log)):
         fn(*args, **kwargs)
-    finally:
-        g.update(jitted)
     return log
 
 
