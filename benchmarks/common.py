@@ -217,6 +217,68 @@ def bench(fn: Callable, sets: list, warmup_ms: float = 100, rep_ms: float = 400)
     return float(do_bench(call, warmup=warmup_ms, rep=rep_ms, return_mode="median"))
 
 
+class Energy:
+    """The GPU's energy counter (NVML ``nvmlDeviceGetTotalEnergyConsumption``, mJ since the driver
+    loaded) through ctypes, so no pynvml is needed. ``read()`` is None where NVML or the counter
+    is missing (CPU machines, old GPUs): callers report energy as unknown, never as zero."""
+
+    def __init__(self, index: int = 0):
+        import ctypes
+
+        self._ct, self._lib, self._h = ctypes, None, None
+        try:
+            lib = ctypes.CDLL("libnvidia-ml.so.1")
+            if lib.nvmlInit_v2() != 0:
+                return
+            h = ctypes.c_void_p()
+            if lib.nvmlDeviceGetHandleByIndex_v2(ctypes.c_uint(index), ctypes.byref(h)) != 0:
+                return
+            self._lib, self._h = lib, h
+            if self.read() is None:
+                self._lib = None
+        except OSError:
+            pass
+
+    def read(self) -> float | None:
+        """Millijoules, or None."""
+        if self._lib is None:
+            return None
+        v = self._ct.c_ulonglong()
+        if self._lib.nvmlDeviceGetTotalEnergyConsumption(self._h, self._ct.byref(v)) != 0:
+            return None
+        return float(v.value)
+
+
+def sustained(fn: Callable, sets: list, window_ms: float = 1000.0, energy: "Energy | None" = None) -> dict:
+    """Throughput of ``fn(*inputs)`` run back to back (inputs rotated) for about ``window_ms``:
+    ms per call between two events, and the GPU's mJ per call and mean watts over the window when
+    ``energy`` can read the counter. Unlike the median of a short window this is what a long job
+    sees once the power cap throttles the clock: a kernel that does the same work with more
+    energy runs slower here (session 6: 5% slower at 300 ms than at 50 ms)."""
+    for s in sets:  # warm (compiles, autotune, caches)
+        fn(*s)
+    torch.cuda.synchronize()
+    t0, t1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    t0.record()
+    for i in range(3):
+        fn(*sets[i % len(sets)])
+    t1.record()
+    t1.synchronize()
+    n = max(3, int(window_ms / max(t0.elapsed_time(t1) / 3, 1e-3)))
+    e0 = energy.read() if energy else None
+    t0.record()
+    for i in range(n):
+        fn(*sets[i % len(sets)])
+    t1.record()
+    t1.synchronize()
+    e1 = energy.read() if energy else None
+    ms = t0.elapsed_time(t1)
+    out = {"ms": ms / n, "calls": n, "window_ms": ms, "mj_per_call": None, "watts": None}
+    if e0 is not None and e1 is not None and e1 > e0:
+        out.update(mj_per_call=(e1 - e0) / n, watts=(e1 - e0) / ms)
+    return out
+
+
 def environment() -> dict:
     import triton
 

@@ -11,6 +11,8 @@
 #   step=multi   all-GPU vs single-GPU prewarm of the same 8 Llama signatures (nvidia-h200-x2, ~8 min)
 #   step=shapes  step=bench for each of shapes="A B ..." at once, one GPU each (needs that many
 #                GPUs; one tgz + md per shape in $OUT)                      (~8 min)
+#   step=window  explicit configs (overrides=JSON) at a 50 ms window, protocol 2 and sustained
+#                for sustained_ms with energy per call (the power-cap question)  (~4 min)
 #   step=probe   tune_templates A/B of knob=... (default pipeline_qk), every config and peer
 #                timed by do_bench and protocol 2, at rep=50 and rep=300 ms (~3 min)
 # Steps can share the machine (one per GPU with CUDA_VISIBLE_DEVICES, each its own OUT); cache=DIR
@@ -84,6 +86,17 @@ case "${step:-tests}" in
         --variants ${variants:-sliding_window,alibi_causal,prefix_lm,document_causal} 2>&1 \
         | tee "$OUT/probe_rep$rep.log" | grep -E "cfg|^S" || true
     done ;;
+  window)
+    # explicit configs (overrides=JSON list on the default config) timed three ways: median of a
+    # 50 ms window, protocol 2, and back to back for sustained_ms with the GPU's energy per call
+    # (does the config that wins a short window lose under the power cap?)  (~4 min)
+    dflt='[{}, {"tma": true}, {"num_stages": 2}, {"BLOCK_M": 128, "num_warps": 8},
+      {"BLOCK_M": 128, "num_warps": 8, "warp_specialize": true},
+      {"BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 8, "num_stages": 2}]'
+    timeout ${t_window:-240} python3 benchmarks/tune_templates.py --timing both --rep-ms 50 \
+      --sustained-ms ${sustained_ms:-1000} --overrides "${overrides:-$dflt}" \
+      --variants ${variants:-sliding_window,prefix_lm,alibi_causal} 2>&1 | tee "$OUT/window.log" | grep -E "cfg|sus|^S" || true
+    mv "$OUT/tune_templates.json" "$OUT/window.json" 2>/dev/null || true ;;
   multi)
     # a Llama-shaped model, 4 prompt lengths x (prefill, decode) = 8 signatures, searched with
     # --gpus all and with --gpus 0, each into a fresh cache; the verdicts must agree

@@ -33,6 +33,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.common import Energy, sustained  # noqa: E402
 from torch_r1attn import variants as V  # noqa: E402
 from torch_r1attn.loader import load_source_file  # noqa: E402
 from torch_r1attn.problem import Problem  # noqa: E402
@@ -164,6 +165,22 @@ def bench(fn, sets, warmup=10, rep=None) -> float:
     return float(triton.testing.do_bench(call, warmup=warmup, rep=rep, return_mode="median"))
 
 
+def explicit_configs(prob, overrides: list) -> list:
+    """One candidate per override dict, each applied to the default config (``--overrides``)."""
+    from torch_r1attn.search.base import Candidate
+    from torch_r1attn.search.templates import default_config, generate_source, normalize_config
+
+    out = []
+    for o in overrides:
+        try:
+            cfg = normalize_config(prob, {**default_config(prob), **o})
+        except ValueError as e:
+            print(f"  --overrides: skipping {o}: {e}")
+            continue
+        out.append(Candidate(source=generate_source(prob, cfg), proposer="templates", config=cfg))
+    return out
+
+
 def ab_pairs(prob, cands, knob: str) -> list:
     """Each candidate twice, ``knob`` off then on (the A/B of one knob on the same configs)."""
     from torch_r1attn.search.base import Candidate
@@ -198,9 +215,22 @@ def main() -> int:
                     help="how each config and peer is timed (both: protocol 2 and do_bench, back to back)")
     ap.add_argument("--rep-ms", type=float, default=50.0, help="timed window per config (ms)")
     ap.add_argument("--ab", default="", help="a boolean template knob: time each config with it off and on")
+    ap.add_argument("--overrides", default="",
+                    help='JSON list of config overrides on the default config, instead of the round-one spread '
+                         '(e.g. \'[{}, {"BLOCK_M": 128, "num_warps": 8}]\')')
+    ap.add_argument("--sustained-ms", type=float, default=0.0,
+                    help="also time each config and peer back to back for this long: ms per call, mJ per call "
+                         "and watts (what a long job sees under the power cap)")
     args = ap.parse_args()
     n_cfg = 2 if args.quick else args.configs
     TIMING.update(mode=args.timing, rep_ms=args.rep_ms)
+    try:
+        overrides = json.loads(args.overrides) if args.overrides else None
+    except json.JSONDecodeError as e:
+        raise SystemExit(f"--overrides is not JSON: {e}")
+    if overrides is not None and not (isinstance(overrides, list) and all(isinstance(o, dict) for o in overrides)):
+        raise SystemExit("--overrides needs a JSON list of objects")
+    energy = Energy() if args.sustained_ms > 0 and not args.dry_run else None
     out_dir = Path(os.environ.get("OUT") or "bench_out")
     out_dir.mkdir(parents=True, exist_ok=True)
     device = "cuda" if torch.cuda.is_available() and not args.dry_run else "cpu"
@@ -225,7 +255,8 @@ def main() -> int:
             spec = AttentionSpec.from_call(meta[0], meta[1], meta[1], variant.key)
             spec = AttentionSpec(**{**spec.key_dict(), "example": (B, Hq, Hkv, Sq, Sk)})
             prob = Problem(spec=spec, variant=variant, shape=(B, Hq, Hkv, Sq, Sk), device="cuda")
-            cands = TemplatesProposer().propose(prob, [], n_cfg)
+            cands = (explicit_configs(prob, overrides) if overrides is not None
+                     else TemplatesProposer().propose(prob, [], n_cfg))
             if args.ab:
                 cands = ab_pairs(prob, cands, args.ab)
             if args.dry_run:
@@ -270,12 +301,18 @@ def main() -> int:
                         row["ms"] = bench(lambda q, k, v, o: kern(q, k, v, o, scale, **vt), sets)
                         if args.timing == "both":
                             row["ms_protocol2"] = LAST["protocol2"]
+                        if args.sustained_ms > 0:
+                            row["sustained"] = sustained(lambda q, k, v, o: kern(q, k, v, o, scale, **vt), sets,
+                                                         args.sustained_ms, energy)
                 except Exception as e:  # a config that does not compile/run is a data point
                     row.update(ok=False, error=f"{type(e).__name__}: {str(e)[:300]}")
                 results.append(row)
                 short = {k: cand.config[k] for k in ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages")}
                 flags = [k for k in ("branch_mask", "fold_scale", "tma", "warp_specialize") if cand.config.get(k)]
                 p2 = f" p2={row['ms_protocol2']:.3f}" if "ms_protocol2" in row else ""
+                if "sustained" in row:
+                    su = row["sustained"]
+                    p2 += f" sus={su['ms']:.3f}" + (f" {su['mj_per_call']:.1f}mJ {su['watts']:.0f}W" if su["watts"] else "")
                 print(f"  {name:24s} cfg{i} {short} {flags} ok={row.get('ok')} ms={row.get('ms', float('nan')):.3f}{p2} "
                       f"err={row.get('err', float('nan')):.2e} {row.get('error', '')[:80]}")
             peers = {}
@@ -291,11 +328,16 @@ def main() -> int:
                     peers["flex"] = bench(lambda q, k, v, o: fp(q, k, v), sets)
                     if args.timing == "both":
                         peers["flex_protocol2"] = LAST["protocol2"]
+                    if args.sustained_ms > 0:
+                        su = sustained(lambda q, k, v, o: fp(q, k, v), sets, args.sustained_ms, energy)
+                        peers["flex_sustained"] = su["ms"]
+                        print(f"  {name:24s} flex sus={su['ms']:.3f} " + (
+                            f"{su['mj_per_call']:.1f}mJ {su['watts']:.0f}W" if su["watts"] else ""))
                 except Exception as e:  # report, keep going: the other peer still counts
                     print(f"  flex peer failed for {name}: {type(e).__name__}: {str(e)[:200]}")
             good = [r for r in results if r.get("ok") and "ms" in r]
             best = min(good, key=lambda r: r["ms"]) if good else None
-            main_peers = {k: v for k, v in peers.items() if not k.endswith("_protocol2")}
+            main_peers = {k: v for k, v in peers.items() if not k.endswith(("_protocol2", "_sustained"))}
             peer_name, peer_ms = (min(main_peers.items(), key=lambda t: t[1]) if main_peers else (None, None))
             summary = {
                 "anchor": anchor, "variant": name, "shape": [B, Hq, Hkv, Sq, Sk, D], "gpu": gpu,
