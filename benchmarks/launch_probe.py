@@ -70,6 +70,13 @@ def bound_arguments(jit, args: tuple, kwargs: dict) -> list:
     return list(ba.arguments.values())
 
 
+def grid3(grid) -> tuple:
+    """A launch grid as the three dimensions a ``CompiledKernel`` wants (``JITFunction`` pads a
+    1- or 2-D grid itself; the compiled kernel's runner indexes ``grid[2]``)."""
+    g = tuple(grid)
+    return g + (1,) * (3 - len(g))
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--variant", choices=list(VARIANTS), default="sliding_window")
@@ -110,7 +117,7 @@ def main() -> int:
         return tuple(out if x is outs["wrapper"] else x for x in a)
 
     jit_calls = {n: [(j, grid, with_out(a, outs[n]), kw) for j, grid, a, kw, _ in log] for n in outs}
-    bound_calls = {n: [(c[grid], bound_arguments(j, with_out(a, outs[n]), kw)) for j, grid, a, kw, c in log]
+    bound_calls = {n: [(c[grid3(grid)], bound_arguments(j, with_out(a, outs[n]), kw)) for j, grid, a, kw, c in log]
                    for n in outs}
     for j, grid, a, kw in jit_calls["jit"]:
         j[grid](*a, **kw)
