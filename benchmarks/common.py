@@ -150,27 +150,14 @@ def interleaved_host_us(fns: dict[str, Callable[[], object]], rounds: int = 15, 
 
 
 def triton_launchers(g: dict) -> dict:
-    """The ``@triton.jit`` objects (compiled or interpreted) in a kernel module's globals ``g``
-    that its host code launches (named by a plain Python function of the module). Device-side
-    helpers (``_tanh``, ...) are left out: replacing one while Triton compiles the kernel that
-    calls it breaks the compile (Triton deep-copies the globals a kernel reads; the H200 run of
-    session 7 failed with "cannot pickle '_thread.RLock' object")."""
-    import types
+    """The kernels a kernel module's host code launches: its :class:`~torch_r1attn.launch.BoundLauncher`
+    objects (a module the loader imported) or its ``@triton.jit`` kernels (one imported without
+    them). Device-side helpers are left out: replacing one while Triton compiles the kernel that
+    calls it breaks the compile (Triton deep-copies the globals a kernel reads; session 7)."""
+    from torch_r1attn.launch import BoundLauncher, host_launched
 
-    def names(code) -> set:
-        out = set(code.co_names)
-        for c in code.co_consts:
-            if isinstance(c, types.CodeType):
-                out |= names(c)
-        return out
-
-    mod = g.get("__name__")
-    host = set()
-    for o in g.values():
-        if isinstance(o, types.FunctionType) and o.__module__ == mod:
-            host |= names(o.__code__)
-    return {n: o for n, o in g.items()
-            if n in host and type(o).__module__.startswith("triton.") and hasattr(type(o), "__getitem__")}
+    bound = {n: o for n, o in g.items() if isinstance(o, BoundLauncher)}
+    return bound or host_launched(g)
 
 
 @contextlib.contextmanager

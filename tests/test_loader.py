@@ -268,6 +268,11 @@ def _hot_path_roundtrip(kc, dtype, device, shape, monkeypatch):
         assert again.data_ptr() != out.data_ptr()
         assert_close_to_ref(again.cpu(), ref, checks["c0.baseline"])
     assert forwards == []  # every repeat took the hot runner
+    from torch_r1attn.launch import BoundLauncher
+
+    kern_fn = next(iter(dispatch._table.values())).kernel.fn
+    bound = sum(o.bound_launches for o in kern_fn.__globals__.values() if isinstance(o, BoundLauncher))
+    assert bound >= (3 if device == "cuda" else 0)  # on the GPU the repeats are bound launches (interpreter: none)
     half = r1.attention(q, k, v, scale=scale / 2)  # a different scale reaches the kernel
     from torch_r1attn.reference import reference_attention
     from torch_r1attn.variants import Variant

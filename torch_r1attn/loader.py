@@ -84,6 +84,7 @@ def import_kernel_file(path: str | Path, name_hint: str = "kernel") -> ModuleTyp
     except Exception as e:
         sys.modules.pop(modname, None)
         raise KernelLoadError(f"importing {path.name} failed: {type(e).__name__}: {e}") from e
+    _bind_launches(mod)
     return mod
 
 
@@ -197,7 +198,23 @@ def import_kernel_source(source: bytes, filename: str | Path, name_hint: str = "
     except Exception as e:
         sys.modules.pop(modname, None)
         raise KernelLoadError(f"importing {Path(filename).name} failed: {type(e).__name__}: {e}") from e
+    _bind_launches(mod)
     return mod
+
+
+def _bind_launches(mod: ModuleType) -> None:
+    """Host-launched Triton kernels of ``mod`` go through bound launches (:mod:`.launch`): the
+    verifier checks a candidate on the same launch path a cache hit uses."""
+    from . import launch
+
+    try:
+        n = launch.install(vars(mod))
+    except Exception as e:  # noqa: BLE001 - the module works unchanged; only its launch cost is higher
+        log.warning("%s: bound launches not installed (%s: %s); launching through Triton", mod.__name__,
+                    type(e).__name__, e)
+        return
+    if n:
+        log.debug("%s: %d kernel(s) launch bound", mod.__name__, n)
 
 
 def read_verified(path: str | Path, sha256: str | None) -> bytes:
