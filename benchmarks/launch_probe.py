@@ -1,8 +1,9 @@
 """Host cost of launching a generated kernel three ways (GPU), to decide whether a bound launcher
 pays:
 
-  wrapper  the kernel module's ``forward``: our checks + grid + Triton's ``JITFunction`` launch
-           (what the bench calls "direct")
+  wrapper  the kernel module's ``forward`` as the loader sets it up: our checks + grid + the
+           bound launcher (torch_r1attn.launch; what the bench calls "direct")
+  wrapper_jit  the same ``forward`` with bound launches off (Triton's ``JITFunction``)
   jit      Triton's ``JITFunction`` launch alone, with the arguments the wrapper built
   bound    the ``CompiledKernel`` that launch returned, called with the bound argument list
            (``compiled[grid](*args)``: no binding, specialisation or kernel-cache lookup)
@@ -104,7 +105,19 @@ def main() -> int:
     prob = Problem(spec=spec, variant=var, shape=(B, H, H, S, S), device="cuda")
     path = Path(tempfile.mkdtemp(prefix="launch_probe_")) / "kernel.py"
     path.write_text(generate_source(prob))
-    kern = load_source_file(path)
+    # the loader's bound launches on (the module under test) and off (the same source through
+    # Triton's JITFunction, as before torch_r1attn.launch)
+    prev = os.environ.get("R1ATTN_BOUND_LAUNCH")
+    try:
+        os.environ["R1ATTN_BOUND_LAUNCH"] = "1"
+        kern = load_source_file(path)
+        os.environ["R1ATTN_BOUND_LAUNCH"] = "0"
+        kern_jit = load_source_file(path)
+    finally:
+        if prev is None:
+            os.environ.pop("R1ATTN_BOUND_LAUNCH", None)
+        else:
+            os.environ["R1ATTN_BOUND_LAUNCH"] = prev
     scale, tens = 1 / math.sqrt(D), var.tensors()
     outs = {n: torch.full_like(q, float("nan")) for n in ("wrapper", "jit", "bound")}
 
@@ -138,13 +151,21 @@ def main() -> int:
         for run, ba in bound_calls["wrapper"]:
             run(*ba)
 
-    fns = {"wrapper": lambda: kern.fn(q, k, v, out, scale, **tens), "jit": via_jit, "bound": via_bound}
+    kern_jit.fn(q, k, v, outs["jit"], scale, **tens)  # compiles (or loads) the JIT-path module's kernel
+    fns = {"wrapper": lambda: kern.fn(q, k, v, out, scale, **tens), "jit": via_jit, "bound": via_bound,
+           "wrapper_jit": lambda: kern_jit.fn(q, k, v, out, scale, **tens)}
     m = interleaved_host_us(fns, rounds=15, calls=300, sync=torch.cuda.synchronize,
-                            pairs=[("wrapper", "jit"), ("jit", "bound")])
+                            pairs=[("wrapper", "jit"), ("jit", "bound"), ("wrapper_jit", "wrapper")])
+    from torch_r1attn.launch import BoundLauncher
+
+    n_bound = sum(o.bound_launches for o in kern.fn.__globals__.values() if isinstance(o, BoundLauncher))
     res = {"variant": args.variant, "shape": [B, H, S, D], "launches": len(log), "outputs_equal": same,
            "wrapper_us": round(m["wrapper"]["median"], 2), "jit_us": round(m["jit"]["median"], 2),
            "bound_us": round(m["bound"]["median"], 2), "our_wrapper_over_jit_us": round(m["wrapper-jit"]["median"], 2),
            "triton_binding_over_bound_us": round(m["jit-bound"]["median"], 2),
+           "wrapper_through_jitfunction_us": round(m["wrapper_jit"]["median"], 2),
+           "bound_launcher_saves_us": round(m["wrapper_jit-wrapper"]["median"], 2),
+           "wrapper_bound_launches": n_bound,
            "gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
            "triton": __import__("triton").__version__}
     od = Path(os.environ.get("OUT") or "benchmarks/results")

@@ -49,14 +49,23 @@ def enabled() -> bool:
     return os.environ.get("R1ATTN_BOUND_LAUNCH", "1").strip().lower() not in ("0", "false", "no", "off")
 
 
-def _int_spec(v: int) -> tuple:
+_KW_TYPES = frozenset({int, bool, str, float, type(None)})
+
+
+def _width(v: int) -> int:
+    """Triton's integer argument types: int32, int64, uint64 (beyond: Triton raises, on its own path)."""
     if _I32_LO <= v < _I32_HI:
-        width = 32
-    elif _I32_LO * 2**32 <= v < _I64_HI:
-        width = 64
-    else:
-        width = 65  # uint64 (or out of range: Triton raises, on the JITFunction path)
-    return (v == 1, v % 16 == 0, width)
+        return 32
+    return 64 if _I32_LO * 2**32 <= v < _I64_HI else 65
+
+
+def _int_code(v: int) -> int:
+    """One number per int argument that tells apart everything Triton specialises an int on
+    (equal to 1, a multiple of 16, int32 / int64 / uint64), and more: the value itself below 16,
+    16 + the low four bits up to int32's end, 100 + the width beyond."""
+    if v < 16:
+        return v
+    return (v & 15) + 16 if v < _I32_HI else _width(v) + 100
 
 
 class BoundLauncher:
@@ -72,6 +81,7 @@ class BoundLauncher:
         self._defaults = {n: p.default for n, p in sig.parameters.items()} if sig is not None else {}
         self._constexpr = frozenset(i for i, p in enumerate(params or ()) if getattr(p, "is_constexpr", False))
         self._compiled: dict[tuple, Any] = {}
+        self._fast = None  # generated (key, bound args) for the first bound launch's argument pattern
         self.bound_launches = 0  # counters for tests and the launch probe
         self.jit_launches = 0
         self.off = sig is None or params is None or not hasattr(jit, "pre_run_hooks") or not enabled()
@@ -83,25 +93,87 @@ class BoundLauncher:
         return launch
 
     def _key(self, args: tuple, kwargs: dict) -> tuple | None:
-        key: list = [_current_device()]
+        """The specialisation key of a launch, as a flat tuple (the general, slow form; the
+        generated :meth:`_fast` builds the same tuple for the argument pattern it was made for).
+        After the device and the number of positional arguments, per argument: a tensor adds
+        ``dtype, aligned``; an int one code (:func:`_int_code`); a bool ``"b", value``; a
+        constexpr ``"c", value``; a float ``"f"``; then the keyword names and their values."""
+        key: list = [_current_device(), len(args)]
         constexpr = self._constexpr
         for i, a in enumerate(args):
             t = type(a)
-            if t is torch.Tensor or isinstance(a, torch.Tensor):
-                key.append((a.dtype, a.data_ptr() & 15 == 0))
+            if t is torch.Tensor:
+                key += (a.dtype, a.data_ptr() & 15 == 0)
             elif t is bool:
-                key.append(("b", a))
+                key += ("b", a)
             elif t is int:
-                key.append(("c", a) if i in constexpr else _int_spec(a))
+                key += ("c", a) if i in constexpr else (_int_code(a),)
             elif t is float:
-                key.append(("c", a) if i in constexpr else "f")
+                key += ("c", a) if i in constexpr else ("f",)
             else:
-                return None  # None, descriptors, numpy scalars...: Triton's own path
-        for n, v in kwargs.items():
-            if type(v) not in (int, bool, str, float) and v is not None:
-                return None
-            key.append((n, v))
+                return None  # None, tensor subclasses, descriptors, numpy scalars...: Triton's own path
+        if not _KW_TYPES.issuperset(map(type, kwargs.values())):
+            return None
+        key.append(tuple(kwargs))
+        key += kwargs.values()
         return tuple(key)
+
+    def _make_fast(self, args: tuple, kwargs: dict):
+        """Generate a function that, for launches with this one's argument pattern (count, types,
+        keyword names), returns ``(key, bound_args)`` with plain expressions (what :meth:`_key`
+        and :meth:`_bound_args` compute with loops), else None. 9.2 µs -> ~1 µs per launch on
+        the development CPU for a 30-argument kernel."""
+        n = len(args)
+        a = [f"a{i}" for i in range(n)]
+        guards, key = [], ["dev()", str(n)]
+        for i, x in enumerate(args):
+            t = type(x)
+            if t is torch.Tensor:
+                guards.append(f"type(a{i}) is T")
+                key += [f"a{i}.dtype", f"a{i}.data_ptr() & 15 == 0"]
+            elif t is bool:
+                guards.append(f"type(a{i}) is B")
+                key += ['"b"', f"a{i}"]
+            elif t is int:
+                guards.append(f"type(a{i}) is I")
+                key += (['"c"', f"a{i}"] if i in self._constexpr else
+                        [f"(a{i} if a{i} < 16 else (a{i} & 15) + 16 if a{i} < 2147483648 else W(a{i}) + 100)"])
+            elif t is float:
+                guards.append(f"type(a{i}) is F")
+                key += ['"c"', f"a{i}"] if i in self._constexpr else ['"f"']
+            else:
+                return None
+        kw_names = list(kwargs)
+        kv = [f"k{j}" for j in range(len(kw_names))]
+        if kw_names:
+            guards.append("KT.issuperset(map(type, kw.values()))")
+        key.append(repr(tuple(kw_names)))
+        key += kv
+        rest = []
+        for name in self._names[n:]:
+            if name in kwargs:
+                rest.append(f"k{kw_names.index(name)}")
+            elif self._defaults[name] is inspect.Parameter.empty:
+                return None
+            else:
+                rest.append(f"D[{name!r}]")
+        lines = [f"def fast(a, kw):",
+                 f"    if len(a) != {n} or len(kw) != {len(kw_names)}:",
+                 "        return None",
+                 (f"    {', '.join(a)}, = a" if n else "    pass"),
+                 "    try:",
+                 f"        {''.join(f'{v}, ' for v in kv)}= {''.join(f'kw[{nm!r}], ' for nm in kw_names)}" if kw_names
+                 else "        pass",
+                 "    except KeyError:",
+                 "        return None",
+                 f"    if not ({' and '.join(guards) or 'True'}):",
+                 "        return None",
+                 f"    return ({', '.join(key)},), [{', '.join(a + rest)}]"]
+        ns = {"T": torch.Tensor, "B": bool, "I": int, "F": float, "KT": _KW_TYPES, "W": _width,
+              "D": dict(self._defaults),
+              "dev": lambda: _current_device()}  # looked up per call (tests replace it)
+        exec(compile("\n".join(lines), f"<r1attn bound launch {getattr(self.fn, '__name__', '?')}>", "exec"), ns)
+        return ns["fast"]
 
     def _bound_args(self, args: tuple, kwargs: dict) -> list:
         out = list(args)
@@ -113,13 +185,17 @@ class BoundLauncher:
         return out
 
     def _launch(self, grid, args: tuple, kwargs: dict):
-        key = None if self.off or callable(grid) or self.jit.pre_run_hooks else self._key(args, kwargs)
+        fast = self._fast
+        planned = fast(args, kwargs) if fast is not None and type(grid) is tuple else None
+        if planned is not None and not self.off and not self.jit.pre_run_hooks:
+            key, bound = planned
+        else:
+            key = None if self.off or callable(grid) or self.jit.pre_run_hooks else self._key(args, kwargs)
+            bound = None
         compiled = self._compiled.get(key) if key is not None else None
         if compiled is not None:
-            g = tuple(grid)
-            if len(g) < 3:
-                g = g + (1,) * (3 - len(g))
-            compiled[g](*self._bound_args(args, kwargs))
+            g = grid if len(grid) == 3 else tuple(grid) + (1,) * (3 - len(grid))
+            compiled[g](*(bound if bound is not None else self._bound_args(args, kwargs)))
             self.bound_launches += 1
             return compiled
         self.jit_launches += 1
@@ -134,6 +210,11 @@ class BoundLauncher:
                 self.off = True
                 return compiled
             self._compiled[key] = compiled
+            if self._fast is None:
+                try:
+                    self._fast = self._make_fast(args, kwargs)
+                except Exception as e:  # noqa: BLE001 - the general key still binds
+                    log.debug("%s: no generated key (%s)", getattr(self.fn, "__name__", "?"), e)
         return compiled
 
 
