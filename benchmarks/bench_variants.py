@@ -342,17 +342,12 @@ def render(rows, overhead, env) -> str:
             f"{'%.2fx' % r['ratio_wall'] if r.get('ratio_wall') else '—'} | {_sustained_cell(r)} | "
             f"{r.get('search', {}).get('search_s', '—')} |")
     for shape in sorted({r["shape"] for r in rows}):
-        rs = [r["ratio_vs_best_peer"] for r in rows if r["shape"] == shape and r["variant"] in (
-            "sliding_window", "alibi_causal", "softcap_causal", "document_causal", "prefix_lm", "relpos_bias_causal")
-            and r.get("ratio_vs_best_peer")]
-        if rs:
-            gm = math.exp(sum(math.log(x) for x in rs) / len(rs))
-            lines.append(f"\n{shape}: geometric mean over the six structured variants: {gm:.3f}x ({len(rs)} rows)")
-            su = [r["ratio_sustained"] for r in rows if r["shape"] == shape and r.get("ratio_sustained") and r["variant"] in (
-                "sliding_window", "alibi_causal", "softcap_causal", "document_causal", "prefix_lm", "relpos_bias_causal")]
-            if su:
-                gs = math.exp(sum(math.log(x) for x in su) / len(su))
-                lines.append(f"{shape}: sustained (back to back, power-capped) geometric mean: {gs:.3f}x ({len(su)} rows)")
+        gm, n = _geomean(rows, shape, "ratio_vs_best_peer")
+        if n:
+            lines.append(f"\n{shape}: geometric mean over the six structured variants: {gm:.3f}x ({n} rows)")
+            gs, ns = _geomean(rows, shape, "ratio_sustained")
+            if ns:
+                lines.append(f"{shape}: sustained (back to back, power-capped) geometric mean: {gs:.3f}x ({ns} rows)")
     if overhead:
         lines += ["", "Dispatch overhead (cache hit, host µs per call; medians of 15 interleaved rounds, overhead = "
               "median of the per-round differences r1 - direct):", "",
@@ -366,6 +361,15 @@ def render(rows, overhead, env) -> str:
                          f"({o.get('overhead_over_alloc_us')}) | "
                          f"{o.get('sdpa_us')} |")
     return "\n".join(lines) + "\n"
+
+
+STRUCTURED = ("sliding_window", "alibi_causal", "softcap_causal", "document_causal", "prefix_lm", "relpos_bias_causal")
+
+
+def _geomean(rows: list, shape: str, field: str) -> tuple[float, int]:
+    """Geometric mean of ``field`` over the six structured variants' rows of ``shape`` that have it."""
+    xs = [r[field] for r in rows if r["shape"] == shape and r["variant"] in STRUCTURED and r.get(field)]
+    return (math.exp(sum(math.log(x) for x in xs) / len(xs)) if xs else float("nan")), len(xs)
 
 
 def _sustained_cell(r: dict) -> str:

@@ -71,13 +71,6 @@ def bound_arguments(jit, args: tuple, kwargs: dict) -> list:
     return list(ba.arguments.values())
 
 
-def grid3(grid) -> tuple:
-    """A launch grid as the three dimensions a ``CompiledKernel`` wants (``JITFunction`` pads a
-    1- or 2-D grid itself; the compiled kernel's runner indexes ``grid[2]``)."""
-    g = tuple(grid)
-    return g + (1,) * (3 - len(g))
-
-
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--variant", choices=list(VARIANTS), default="sliding_window")
@@ -92,6 +85,7 @@ def main() -> int:
         print("launch_probe needs a CUDA GPU (Triton's interpreter has no compiled kernel to bind)", file=sys.stderr)
         return 2
     from benchmarks.common import interleaved_host_us
+    from torch_r1attn.launch import grid3
     from torch_r1attn import variants as V
     from torch_r1attn.loader import load_source_file
     from torch_r1attn.problem import Problem

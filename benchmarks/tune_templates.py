@@ -165,6 +165,10 @@ def bench(fn, sets, warmup=10, rep=None) -> float:
     return float(triton.testing.do_bench(call, warmup=warmup, rep=rep, return_mode="median"))
 
 
+def _sustained_str(su: dict) -> str:
+    return f"sus={su['ms']:.3f}" + (f" {su['mj_per_call']:.1f}mJ {su['watts']:.0f}W" if su["watts"] else "")
+
+
 def explicit_configs(prob, overrides: list) -> list:
     """One candidate per override dict, each applied to the default config (``--overrides``)."""
     from torch_r1attn.search.base import Candidate
@@ -311,8 +315,7 @@ def main() -> int:
                 flags = [k for k in ("branch_mask", "fold_scale", "tma", "warp_specialize") if cand.config.get(k)]
                 p2 = f" p2={row['ms_protocol2']:.3f}" if "ms_protocol2" in row else ""
                 if "sustained" in row:
-                    su = row["sustained"]
-                    p2 += f" sus={su['ms']:.3f}" + (f" {su['mj_per_call']:.1f}mJ {su['watts']:.0f}W" if su["watts"] else "")
+                    p2 += " " + _sustained_str(row["sustained"])
                 print(f"  {name:24s} cfg{i} {short} {flags} ok={row.get('ok')} ms={row.get('ms', float('nan')):.3f}{p2} "
                       f"err={row.get('err', float('nan')):.2e} {row.get('error', '')[:80]}")
             peers = {}
@@ -331,8 +334,7 @@ def main() -> int:
                     if args.sustained_ms > 0:
                         su = sustained(lambda q, k, v, o: fp(q, k, v), sets, args.sustained_ms, energy)
                         peers["flex_sustained"] = su["ms"]
-                        print(f"  {name:24s} flex sus={su['ms']:.3f} " + (
-                            f"{su['mj_per_call']:.1f}mJ {su['watts']:.0f}W" if su["watts"] else ""))
+                        print(f"  {name:24s} flex {_sustained_str(su)}")
                 except Exception as e:  # report, keep going: the other peer still counts
                     print(f"  flex peer failed for {name}: {type(e).__name__}: {str(e)[:200]}")
             good = [r for r in results if r.get("ok") and "ms" in r]

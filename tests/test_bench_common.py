@@ -145,10 +145,3 @@ def test_tune_templates_explicit_overrides_and_bad_ones(tmp_path):
     r = subprocess.run(cmd + ["--overrides", "{nope"], capture_output=True, text=True, env=env, timeout=300)
     assert r.returncode != 0 and "--overrides is not JSON" in r.stderr
 
-
-def test_launch_probe_pads_the_grid_for_a_compiled_kernel():
-    """A CompiledKernel's runner indexes grid[2]; the generated wrappers launch 2-D grids (H200,
-    session 7: IndexError before the padding)."""
-    from benchmarks.launch_probe import grid3
-
-    assert grid3((4, 2)) == (4, 2, 1) and grid3((3,)) == (3, 1, 1) and grid3((1, 2, 3)) == (1, 2, 3)

@@ -130,6 +130,26 @@ def test_interpreter_launches_return_nothing_to_bind(bl):
     assert bl.bound_launches == 0
 
 
+def test_grid_is_padded_to_three_dimensions_for_a_compiled_kernel():
+    """A CompiledKernel's runner indexes grid[2]; the generated wrappers launch 2-D grids (H200,
+    session 7: IndexError before the padding)."""
+    assert launch.grid3((4, 2)) == (4, 2, 1) and launch.grid3((3,)) == (3, 1, 1)
+    assert launch.grid3((1, 2, 3)) == (1, 2, 3)
+
+
+@pytest.mark.parametrize("n", [-(2**40), -5, 0, 1, 2, 15, 16, 17, 48, 2**31 - 16, 2**31, 2**33, 2**63 - 1, 2**63, 2**64])
+def test_generated_key_equals_the_general_key(bl, n):
+    """The generated key function writes _int_code inline: both must give the same key for every
+    int class (a mismatch would make every bound launch miss), and the same bound arguments."""
+    q, o = _t(), _t()
+    bl[(1,)](q, o, 32, 0.5, BLOCK=64, num_warps=4)  # makes the generated function
+    for args in ([q, o, n, 0.5], [_t(offset=1), o, n, 0.25]):
+        fast_key, fast_bound = bl._fast(tuple(args), {"BLOCK": 64, "num_warps": 4})
+        assert fast_key == bl._key(tuple(args), {"BLOCK": 64, "num_warps": 4})
+        assert fast_bound == bl._bound_args(tuple(args), {"BLOCK": 64, "num_warps": 4})
+    assert bl._fast((q, o, True, 0.5), {"BLOCK": 64, "num_warps": 4}) is None  # another pattern: general path
+
+
 def _module(src: str) -> dict:
     mod = types.ModuleType("fake_kernel_mod")
     exec(src, mod.__dict__)
