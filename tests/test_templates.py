@@ -137,17 +137,119 @@ def test_awkward_shapes(tmp_path, variant, Sq, Sk, D, Dv, Hq, Hkv, dtype):
     run_case(tmp_path, var, B=2, Hq=Hq, Hkv=Hkv, Sq=Sq, Sk=Sk, D=D, Dv=Dv, dtype=dtype, config=CFG_A)
 
 
+@pytest.mark.parametrize("rel_vec", [True, False], ids=["vec", "gather"])
 @pytest.mark.parametrize("config", [CFG_A, CFG_D, {**CFG_B, "exp2": True}], ids=["split", "branch", "fold"])
-@pytest.mark.parametrize("Sq,Sk,align", [(40, 40, "top_left"), (23, 40, "bottom_right"), (40, 23, "top_left")])
-def test_relative_bias_full_table_takes_the_unclamped_path(tmp_path, config, Sq, Sk, align):
-    # a 2*S-1 table covers every distance: the launcher picks the clamp-free gather (NOCLAMP);
-    # rows past Sq and keys past Sk of the last tiles must still read inside the table
+@pytest.mark.parametrize("Sq,Sk,align", [(40, 40, "top_left"), (23, 40, "bottom_right"), (40, 23, "top_left"),
+                                         (37, 51, "bottom_right")])
+def test_relative_bias_full_table_takes_the_unclamped_path(tmp_path, config, Sq, Sk, align, rel_vec):
+    # a 2*S-1 table covers every distance: the launcher picks the clamp-free path (NOCLAMP);
+    # rows past Sq and keys past Sk of the last tiles must still read inside the table (rel_vec:
+    # inside the padded aligned copies), every row's shift 0-3 occurs
     S = max(Sq, Sk)
     tab = torch.randn(2, 2 * S - 1, generator=torch.Generator().manual_seed(5))
     var = V.relative_bias(tab) + V.causal(align)
+    config = {**config, "rel_vec": rel_vec}
     src = generate_source(make_problem(var, 1, 2, 1, Sq, Sk, 16, 16, torch.float16), config)
     assert "p0_NOCLAMP: tl.constexpr" in src or "p1_NOCLAMP: tl.constexpr" in src
+    assert ("_rel_align[" in src) == rel_vec
     run_case(tmp_path, var, Sq=Sq, Sk=Sk, config=config, name="relfull")
+
+
+@pytest.mark.parametrize("table", ["shared_fp16", "per_head_wider", "short_clamped"])
+def test_relative_bias_aligned_copies_other_tables(tmp_path, table):
+    """rel_vec with a (1, 2R+1) table shared by the heads (head stride 0), an fp16 table wider than
+    the call needs (R > S), and a table too short for NOCLAMP (the clamped gather runs instead)."""
+    g = torch.Generator().manual_seed(7)
+    tab = {"shared_fp16": lambda: torch.randn(1, 2 * 45 - 1, generator=g).half(),
+           "per_head_wider": lambda: torch.randn(2, 2 * 60 + 1, generator=g),
+           "short_clamped": lambda: torch.randn(2, 2 * 6 + 1, generator=g)}[table]()
+    run_case(tmp_path, V.causal() + V.relative_bias(tab), Sq=45, Sk=45, config={**CFG_A, "rel_vec": True},
+             name="relcopies")
+
+
+def test_relative_bias_prep_kernel_writes_shifted_copies(tmp_path):
+    """``_rel_align``: out[h, c, x] = table[h, x - c] where 0 <= x - c < L, else 0, for every x < W
+    (so a row of copy c starting at o + c holds the band table[o:]), from a strided table."""
+    import importlib.util
+
+    tab = torch.randn(3, 40, generator=torch.Generator().manual_seed(3))[:, ::2]  # (3, 20), stride 2
+    var = V.causal() + V.relative_bias(tab[:, :19])
+    src = generate_source(make_problem(var, 1, 3, 3, 40, 40, 16, 16, torch.float16), {**CFG_A, "rel_vec": True})
+    path = tmp_path / "relprep.py"
+    path.write_text(src)
+    spec = importlib.util.spec_from_file_location("relprep", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    t = tab[:, :19]
+    W = 48
+    out = torch.full((3, 4, W), float("nan"))
+    mod._rel_align[(mod._cdiv(W, 16), 4, 3)](t, out, t.stride(0), t.stride(1), t.shape[1], W, BLOCK=16)
+    want = torch.zeros(3, 4, W)
+    for c in range(4):
+        want[:, c, c:c + 19] = t
+    assert torch.equal(out, want)
+
+
+def test_relative_bias_tiles_load_as_16_byte_vectors_on_sm90(tmp_path):
+    """The point of rel_vec: compiled for the H200 (sm90, compile only, no GPU needed) the bias
+    tile of every kv loop loads as ld.global.v4 (4 fp32 per load), the scalar gather as b32 loads.
+    Compiled in a subprocess: this process runs Triton's interpreter."""
+    import os
+    import re
+    import subprocess
+    import sys
+
+    S, H = 4096, 32
+    var = V.causal() + V.relative_bias(torch.zeros(H, 2 * S - 1))
+    prob = make_problem(var, 4, H, H, S, S, 128, 128, torch.bfloat16, "cuda")
+    loads = {}
+    for vec in (True, False):
+        cfg = {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2, "rel_vec": vec, "fast_tanh": False}
+        path = tmp_path / f"rel_sm90_{vec}.py"
+        path.write_text(generate_source(prob, cfg))
+        env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+        r = subprocess.run([sys.executable, "-c", _SM90_COMPILE, str(path)], capture_output=True, text=True,
+                           env=env, timeout=300)
+        if r.returncode == 3:
+            pytest.skip(f"cannot compile for sm90 here: {r.stderr.strip()[-300:]}")
+        assert r.returncode == 0, r.stderr[-3000:]
+        loads[vec] = re.findall(r"ld\.global(?:\.[a-z0-9]+)*", r.stdout)
+    # 64x64 fp32 tile / 128 threads = 32 elements per thread: 8 v4 loads per loop, 3 loops
+    assert loads[True].count("ld.global.v4.b32") - loads[False].count("ld.global.v4.b32") == 3 * 8
+    assert loads[False].count("ld.global.b32") == 3 * 32 and loads[True].count("ld.global.b32") == 0
+
+
+# argv[1]: a generated relative-bias module (S4096 D128 bf16, M64 N64 w4 s2); prints its sm90 PTX
+_SM90_COMPILE = """
+import importlib.util, sys
+try:
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+except ImportError as e:
+    print(e, file=sys.stderr); sys.exit(3)
+spec = importlib.util.spec_from_file_location("rel_sm90", sys.argv[1])
+mod = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(mod)
+fn = mod._attn_fwd
+consts = dict(GQA=1, D=128, DV=128, BLOCK_M=64, BLOCK_N=64, BLOCK_D=128, BLOCK_DV=128, FAST_TANH=False,
+              USE_TMA=False, p1_NOCLAMP=True, sqd=1, skd=1, svd=1, sod=1, p1_sw=1)
+sig, attrs = {}, {}
+for i, n in enumerate(fn.arg_names):
+    if fn.params[i].is_constexpr or n in consts:
+        sig[n] = "constexpr"
+        continue
+    sig[n] = ("*bf16" if n in "QKVO" else "*fp32" if n in ("p1_rel_table", "p1_tab")
+              else "fp32" if n == "qk_mul" else "i32")
+    if n not in ("qk_mul", "p1_sh", "p1_R"):  # what Triton specialises at S4096 (divisible by 16)
+        attrs[(i,)] = [["tt.divisibility", 16]]
+src = ASTSource(fn, sig, {k: v for k, v in consts.items() if k in fn.arg_names}, attrs)
+try:
+    k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4, num_stages=2))
+except FileNotFoundError as e:  # no ptxas in this triton build
+    print(e, file=sys.stderr); sys.exit(3)
+print(k.asm["ptx"])
+"""
 
 
 @pytest.mark.parametrize("variant", [V.sliding_window(5) + V.alibi(2), V.prefix_lm(7) + V.softcap(3.0),
@@ -435,7 +537,7 @@ def test_gpu_gqa_and_hopper_knobs(tmp_path, cfg):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("cfg", [{}, {"tma": True}, {"BLOCK_M": 128, "num_warps": 8}])
+@pytest.mark.parametrize("cfg", [{}, {"tma": True}, {"BLOCK_M": 128, "num_warps": 8}, {"tma": True, "rel_vec": False}])
 @pytest.mark.parametrize("name", ["softcap_causal", "document_causal", "relbias_causal"])
 def test_gpu_transformers_layout(tmp_path, name, cfg):
     """q, k, v and out as (B, S, H, D)-laid-out views, what the HF path hands kernels (and what the

@@ -77,6 +77,7 @@ class Ctx:
     decode kernel (all GQA query heads of one kv head packed into the rows)."""
 
     decode: bool = False
+    rel_vec: bool = False  # relative bias: aligned table copies, vector loads (prefill only)
 
     @property
     def head(self) -> str:
@@ -105,6 +106,7 @@ class Fragment:
     additive: bool = False  # score part of the form s + bias (bias not depending on s)
     score_rowfree: list[str] | None = None  # score lines up to a per-row constant (see _alibi)
     constexprs: list[tuple[str, str]] = field(default_factory=list)  # (kernel name, launcher expr)
+    helpers: list[str] = field(default_factory=list)  # module-level source the launcher lines call
 
     def add_param(self, name: str, arg: str) -> None:
         self.params.append(name)
@@ -226,14 +228,20 @@ def _softcap(p: V.Softcap, pre: str, ctx: Ctx) -> Fragment:
 
 def _relative_bias(p: V.RelativeBias, pre: str, ctx: Ctx) -> Fragment:
     """``s += table[h, clamp(kv - q_pos, -R, R) + R]``. Along a row the index is contiguous in
-    kv, so the tile load is coalesced (a Toeplitz band of the table, which stays in L1).
+    kv (a Toeplitz band of the table, which stays in L1).
 
     When the table covers every distance of the call (``R >= max |kv - q_pos|``, decided by
     the launcher into the constexpr ``{pre}NOCLAMP``; true for the usual ``2*S-1`` tables) the
-    clamp is dead: the prefill kernel then keeps one pointer per row, ``row + (R - q_pos)``,
-    made once per program, and a tile costs one add and one load per element instead of a
-    subtract, two clamps, an add and a multiply. Rows past Sq and keys past Sk are clamped
-    (per row / per column vector) so no load leaves the table."""
+    clamp is dead and the prefill kernel keeps one pointer per row, ``row + (R - q_pos)``.
+    Rows past Sq are clamped so no load leaves the table.
+
+    ``ctx.rel_vec`` (prefill): a row of the band starts at any element, so a tile's loads are
+    scalar, one per element, plus a shared-memory round trip into the MMA layout (H200: the
+    bias tile, not the index arithmetic, bounds this variant). The launcher then first writes
+    four copies of the table, copy ``c`` shifted right by ``c`` elements, with padding past the
+    end (one small prep kernel; ``{pre}W`` per copy, a multiple of 16); each row reads the copy
+    in which its band starts on a multiple of 4 elements, so the tile loads 16-byte vectors
+    and needs no clamp on the key index. Otherwise keys past Sk are clamped per column."""
     f = Fragment(additive=True)
     t = f"{pre}rel_table"
     _bind(f, t)
@@ -251,13 +259,51 @@ def _relative_bias(p: V.RelativeBias, pre: str, ctx: Ctx) -> Fragment:
     if ctx.decode:
         f.score += clamped
         return f
-    f.constexprs.append((f"{pre}NOCLAMP", f"{pre}R >= max(Sq - 1 + offset, Sk - 1 - offset)"))
-    f.prologue.append(f"{pre}rp = {pre}row + ({pre}R - tl.minimum(q_pos, Sq - 1 + OFFSET)) * {pre}sw")
-    f.score += [f"if {pre}NOCLAMP:"] + ["    " + ln for ln in [
-        f"{pre}kc = tl.minimum(kv_idx, Sk - 1)",
-        f"s = s + tl.load({pre}rp[:, None] + ({pre}kc * {pre}sw)[None, :]).to(tl.float32) * __UNIT__",
-    ]] + ["else:"] + ["    " + ln for ln in clamped]
+    f.host.append(f"{pre}noclamp = {pre}R >= max(Sq - 1 + offset, Sk - 1 - offset)")
+    f.constexprs.append((f"{pre}NOCLAMP", f"{pre}noclamp"))
+    if ctx.rel_vec:
+        f.helpers.append(_REL_ALIGN)
+        f.host += [
+            f"{pre}W = ((({t}.shape[1] + 3 + BLOCK_N) + 15) // 16) * 16",
+            f"if {pre}noclamp:",
+            f"    {pre}tab = torch.empty(({t}.shape[0], 4, {pre}W), dtype={t}.dtype, device={t}.device)",
+            f"    _rel_align[(_cdiv({pre}W, 1024), 4, {t}.shape[0])]({t}, {pre}tab, {t}.stride(0), {t}.stride(1),",
+            f"                                                      {t}.shape[1], {pre}W, BLOCK=1024)",
+            "else:",
+            f"    {pre}tab = {t}",
+            f"{pre}sh4 = 4 * {pre}W if {t}.shape[0] > 1 else 0",
+        ]
+        f.add_param(f"{pre}tab", f"{pre}tab")
+        f.add_param(f"{pre}W", f"{pre}W")
+        f.add_param(f"{pre}sh4", f"{pre}sh4")
+        # o >= 0 under NOCLAMP; copy c holds table[x - c] at x, so o + c is the row's start there
+        f.prologue += [
+            f"{pre}o = {pre}R - tl.minimum(q_pos, Sq - 1 + OFFSET)",
+            f"{pre}c = (4 - {pre}o % 4) % 4",
+            f"{pre}vp = {pre}tab + {ctx.head} * {pre}sh4 + {pre}c * {pre}W + tl.multiple_of({pre}o + {pre}c, 4)",
+        ]
+        # the templates' loop bounds let Triton prove a tile's first key a multiple of BLOCK_N
+        fast = [f"s = s + tl.load({pre}vp[:, None] + kv_r).to(tl.float32) * __UNIT__"]
+    else:
+        f.prologue.append(f"{pre}rp = {pre}row + ({pre}R - tl.minimum(q_pos, Sq - 1 + OFFSET)) * {pre}sw")
+        fast = [f"{pre}kc = tl.minimum(kv_idx, Sk - 1)",
+                f"s = s + tl.load({pre}rp[:, None] + ({pre}kc * {pre}sw)[None, :]).to(tl.float32) * __UNIT__"]
+    f.score += [f"if {pre}NOCLAMP:"] + ["    " + ln for ln in fast] + ["else:"] + ["    " + ln for ln in clamped]
     return f
+
+
+# The relative-bias prep kernel (see _relative_bias): out[h, c, x] = table[h, x - c], 0 outside.
+_REL_ALIGN = '''
+@triton.jit
+def _rel_align(T, OUT, st_h, st_w, L, W, BLOCK: tl.constexpr):
+    x = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    c = tl.program_id(1)
+    h = tl.program_id(2)
+    src = x - c
+    ok = (src >= 0) & (src < L)
+    val = tl.load(T + h * st_h + src * st_w, mask=ok, other=0.0)
+    tl.store(OUT + (h * 4 + c) * W + x, val, mask=x < W)
+'''
 
 
 def _dense_bias(p: V.DenseBias, pre: str, ctx: Ctx) -> Fragment:

@@ -33,7 +33,10 @@ Knobs (keys of ``config``)::
     pipeline_qk      the fully-allowed run issues tile j+1's Q·K^T before tile j's softmax
                      (FA3's intra-warpgroup overlap written out; needs split_loop, no branch_mask,
                      no warp_specialize).
-                     Not yet measured on the H200: the search does not try it on its own
+                     Measured 36-65% slower on the H200 (session 6): the search does not try it
+    rel_vec          relative bias (prefill): read the table through four aligned copies written
+                     by a prep kernel, so bias tiles load as 16-byte vectors (off: the scalar
+                     Toeplitz gather straight from the caller's table)
     num_splits       decode: kv splits (0 = enough to fill the GPU twice)
 
 The Hopper knobs and ``fast_tanh`` default off on the CPU and are searched on CUDA only
@@ -73,6 +76,7 @@ KNOB_VALUES: dict[str, tuple] = {
     "tma": (False, True),
     "warp_specialize": (False, True),
     "pipeline_qk": (False, True),
+    "rel_vec": (True, False),
     "num_splits": (0, 1, 2, 4, 8, 16, 32),
 }
 _CUDA_ONLY = ("fast_tanh", "tma", "warp_specialize")
@@ -116,6 +120,7 @@ def default_config(problem: Problem) -> dict[str, Any]:
         "exp2": True, "fold_scale": False, "split_loop": True, "branch_mask": False,
         "reverse_m": _causal_like(problem.variant),
         "fast_tanh": not cpu, "tma": False, "warp_specialize": False, "pipeline_qk": False, "num_splits": 0,
+        "rel_vec": not decode,
     }
     if cpu:
         cfg.update(BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=1)
@@ -196,6 +201,8 @@ def normalize_config(problem: Problem, config: dict[str, Any] | None) -> dict[st
         cfg["warp_specialize"] = False
     if not _uses_tanh(problem.variant):
         cfg["fast_tanh"] = False  # no tanh in the kernel: keep one canonical config
+    if cfg["path"] == "decode" or not any(isinstance(p, V.RelativeBias) for p in problem.variant.canonical_parts):
+        cfg["rel_vec"] = False  # only the prefill relative-bias gather has the aligned form
     return cfg
 
 
@@ -338,7 +345,10 @@ def _pipelined_interior(kind: str, cfg: dict[str, Any], vc: VariantCode, score: 
 
 
 # Loops: [lo, f0) all masks, [f0, f1) none, [f1, hi) upper bounds only (kv >= f1 > f0 >= flo,
-# so every lower bound holds). With no fully-allowed block, [lo, hi) takes all masks.
+# so every lower bound holds). With no fully-allowed block, [lo, hi) takes all masks: f0 = f1 =
+# hi rounded up to BLOCK_N, which runs the same tiles as hi itself (tile starts are multiples of
+# BLOCK_N) and lets Triton prove every loop's tile start a multiple of BLOCK_N (vector loads of
+# per-key data, e.g. the relative-bias band).
 _RANGE_TAIL = [
     "lo = tl.maximum(lo, 0)",
     "hi = tl.minimum(hi, Sk)",
@@ -348,8 +358,9 @@ _RANGE_TAIL = [
     "f0 = ((flo + BLOCK_N - 1) // BLOCK_N) * BLOCK_N",
     "f1 = (fhi // BLOCK_N) * BLOCK_N",
     "no_full = f1 <= f0",
-    "f0 = tl.where(no_full, hi, f0)",
-    "f1 = tl.where(no_full, hi, f1)",
+    "hi_r = ((hi + BLOCK_N - 1) // BLOCK_N) * BLOCK_N",
+    "f0 = tl.where(no_full, hi_r, f0)",
+    "f1 = tl.where(no_full, hi_r, f1)",
 ]
 
 
@@ -728,7 +739,7 @@ def generate_source(problem: Problem, config: dict[str, Any] | None = None) -> s
     cfg = normalize_config(problem, config)
     spec = problem.spec
     decode = cfg["path"] == "decode"
-    vc = variant_code(problem.variant, Ctx(decode=decode), exp2=cfg["exp2"])
+    vc = variant_code(problem.variant, Ctx(decode=decode, rel_vec=cfg["rel_vec"]), exp2=cfg["exp2"])
     score, factor = _score_lines(vc, cfg)
     D, DV = spec.head_dim, spec.head_dim_v
     BD, BDV = _pow2_at_least(D), _pow2_at_least(DV)
@@ -763,6 +774,7 @@ def generate_source(problem: Problem, config: dict[str, Any] | None = None) -> s
         f"NUM_SPLITS = {cfg['num_splits']}",
         HELPERS,
     ]
+    out += list(dict.fromkeys(vc.lines("helpers")))  # per-part module-level helpers, once each
     if vc.has_doc:
         out.append(_DOC_RANGES)
     if decode:
@@ -882,7 +894,9 @@ def _spread_d128(variant: V.Variant) -> list[dict[str, Any]]:
         return [{}, {"num_stages": 2}, {"BLOCK_N": 64, "num_stages": 2}, {"BLOCK_N": 64},
                 {"BLOCK_N": 64, "branch_mask": True}, {"tma": True}, m128, {"fold_scale": True}] + late
     if kind == "relbias":  # default M64 N64 w4 s2 fold (unfolded: 3x slower, left to later rounds)
-        return [{}, {"tma": True}, {"BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 8},
+        # rel_vec (default on) is unmeasured at its introduction: the scalar gather's best
+        # (tma, session 3-7 winner) stays in round one beside it
+        return [{}, {"tma": True}, {"tma": True, "rel_vec": False}, {"BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 8},
                 {**m128, "tma": True}, {"num_stages": 1}, m128, {"BLOCK_N": 32}, {"BLOCK_N": 128}] + late
     return [{}, {"tma": True}, {"BLOCK_N": 32}, {"fold_scale": True}, {"num_stages": 2}, m128,
             {"BLOCK_N": 32, "num_stages": 4}, {"tma": True, "BLOCK_N": 32}] + late
