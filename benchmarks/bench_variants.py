@@ -43,7 +43,7 @@ from torch_r1attn.reference import eager_attention  # noqa: E402
 from torch_r1attn.spec import AttentionSpec, length_bucket  # noqa: E402
 
 from benchmarks.common import (  # noqa: E402
-    SHAPES, Energy, allowed_fraction, bench, bench_gpu, effective_tflops, environment, interleaved_host_us,
+    SHAPES, Energy, allowed_fraction, needed_block_fraction, bench, bench_gpu, effective_tflops, environment, interleaved_host_us,
     make_inputs, out_dir, suite, sustained, wrapper_host_us, write_json,
 )
 
@@ -203,6 +203,9 @@ def main() -> int:
     ap.add_argument("--prewarm-gpus", default=None,
                     help="prewarm all cases first with the multi-GPU scheduler on these GPUs (e.g. 0,1)")
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--prewarm-only", action="store_true",
+                    help="only fill the kernel cache (R1ATTN_CACHE_DIR) for every shape, e.g. on a machine with more "
+                         "GPUs than the timing run will have; needs --prewarm-gpus")
     ap.add_argument("--tag", default="")
     ap.add_argument("--sustained-ms", type=float, default=1000.0,
                     help="r1 and the best peer also run back to back for this long (0: skip): ms and mJ per "
@@ -222,6 +225,20 @@ def main() -> int:
     od = out_dir()
     tag = (env.get("gpu", "gpu") + (("_" + args.tag) if args.tag else "")).replace(" ", "_")
     sched_info = None
+    if args.prewarm_only:
+        if not args.prewarm_gpus:
+            print("--prewarm-only needs --prewarm-gpus", file=sys.stderr)
+            return 2
+        from torch_r1attn.schedule import parse_gpus
+
+        infos = {}
+        for shape_name in args.shape or ["B4_H32_S4096_D128"]:
+            B, H, S, D = SHAPES[shape_name]
+            pre, infos[shape_name] = prewarm_parallel(suite(B, H, S, D, only=args.variant),
+                                                      parse_gpus(args.prewarm_gpus), args.budget)
+            write_json(od / f"prewarm_{shape_name}.json", {"env": env, "searches": pre, "scheduler": infos[shape_name]})
+            log.info("%s: parallel prewarm %s", shape_name, infos[shape_name])
+        return 0
     for shape_name in args.shape or ["B4_H32_S4096_D128"]:
         B, H, S, D = SHAPES[shape_name]
         cases = suite(B, H, S, D, only=args.variant)
@@ -283,6 +300,9 @@ def main() -> int:
                     row.update(best_peer_wall=wbest, ratio_wall=wall_peers[wbest] / walls["r1"])
                 row["r1_eff_tflops"] = effective_tflops(c, num["r1"], frac)
                 row["best_peer_eff_tflops"] = effective_tflops(c, peer_num[best_peer], frac)
+                # DESIGN.md's definition: FLOPs of the 128x128 blocks actually needed
+                row["needed_block_fraction"] = bfrac = needed_block_fraction(c)
+                row["r1_eff_tflops_blocks"] = effective_tflops(c, num["r1"], bfrac)
                 if args.sustained_ms > 0:
                     fns = {"r1": r1fn, **peers}
                     try:
@@ -326,9 +346,11 @@ def render(rows, overhead, env) -> str:
              "GPU ms: the verifier's timing protocol 2 (L2 flushed, inputs rotated, each call queued behind a "
              "spin kernel: GPU work only). Wall ms: `triton.testing.do_bench` (host launch latency included "
              "when the host is slower than the flush). Ratio = best peer / r1 under the same protocol. "
-             "Sustained: r1 and the best peer each run back to back for about a second (what a long job "
+             "Effective TFLOP/s: FLOPs of the allowed (q, kv) pairs / GPU time, and (after the slash) "
+             "DESIGN.md's definition, FLOPs of the 128x128 blocks actually needed (FlexAttention's block-mask "
+             "granularity). Sustained: r1 and the best peer each run back to back for about a second (what a long job "
              "sees once the 700 W power cap lowers the clock), with the GPU's energy per call.", "",
-             "| shape | variant | r1 path | r1 GPU ms | best peer | peer GPU ms | ratio | r1 eff TFLOP/s "
+             "| shape | variant | r1 path | r1 GPU ms | best peer | peer GPU ms | ratio | r1 eff TFLOP/s (pairs / 128² blocks) "
              "| r1 wall ms | wall ratio | sustained ratio (mJ/call r1 / peer) | search s |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
@@ -337,7 +359,8 @@ def render(rows, overhead, env) -> str:
             f"| {r['shape']} | {r['variant']} | {r['r1_path']} | {t if isinstance(t, str) else '%.3f' % t} | "
             f"{r.get('best_peer')} | {'%.3f' % r['best_peer_ms'] if r.get('best_peer_ms') else '—'} | "
             f"{'%.2fx' % r['ratio_vs_best_peer'] if r.get('ratio_vs_best_peer') else '—'} | "
-            f"{'%.0f' % r['r1_eff_tflops'] if r.get('r1_eff_tflops') else '—'} | "
+            f"{'%.0f' % r['r1_eff_tflops'] if r.get('r1_eff_tflops') else '—'}"
+            f"{' / %.0f' % r['r1_eff_tflops_blocks'] if r.get('r1_eff_tflops_blocks') else ''} | "
             f"{'%.3f' % r['times_wall']['r1'] if isinstance(r.get('times_wall', {}).get('r1'), float) else '—'} | "
             f"{'%.2fx' % r['ratio_wall'] if r.get('ratio_wall') else '—'} | {_sustained_cell(r)} | "
             f"{r.get('search', {}).get('search_s', '—')} |")

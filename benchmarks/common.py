@@ -101,6 +101,27 @@ def allowed_fraction(c: Case) -> float:
     return float(m.float().mean())
 
 
+def needed_block_fraction(c: Case, block: int = 128) -> float:
+    """DESIGN.md's "FLOPs of the unmasked blocks actually needed": the share of (q, kv) pairs that
+    lie in ``block`` x ``block`` tiles holding at least one allowed pair (FlexAttention's default
+    block-mask granularity; edge tiles count their real size), from one (b, h) slice. 1.0 for full."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    m = c.variant.dense_mask(1, 1, c.Sq, c.Sk, device)
+    if m is None:
+        return 1.0
+    m = m.reshape(c.Sq, c.Sk)
+    nq, nk = -(-c.Sq // block), -(-c.Sk // block)
+    padded = torch.zeros(nq * block, nk * block, dtype=torch.bool, device=m.device)
+    padded[:c.Sq, :c.Sk] = m
+    need = padded.view(nq, block, nk, block).any(dim=3).any(dim=1)  # (nq, nk)
+    rows = torch.full((nq,), block, device=m.device)
+    rows[-1] = c.Sq - (nq - 1) * block
+    cols = torch.full((nk,), block, device=m.device)
+    cols[-1] = c.Sk - (nk - 1) * block
+    area = rows[:, None] * cols[None, :]
+    return float((area * need).sum()) / (c.Sq * c.Sk)
+
+
 def effective_tflops(c: Case, ms: float, frac: float) -> float:
     flops = 2 * c.B * c.Hq * c.Sq * c.Sk * (c.D + c.D) * frac
     return flops / (ms * 1e-3) / 1e12

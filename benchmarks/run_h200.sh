@@ -5,7 +5,12 @@
 #   step=tests   pytest -m gpu, every file (xdist by file, verifier alone),
 #                then benchmarks/launch_probe.py (launch host cost, 3 ways)  (~5-7 min)
 #   step=bench   prewarm + the variant suite vs peers at one anchor shape    (~7 min at the default budget=20 s per signature;
-#                S2048 D64 at budget 30 did not fit one call in session 6; variants="a b" splits it)
+#                S2048 D64 at budget 30 did not fit one call in session 6; variants="a b" splits it).
+#                shape="A B C": several shapes in one run, one table; cache_tgz=FILE: start from a kernel
+#                cache that step=prewarm filled (then no search runs: ~2-3 min per shape)
+#   step=prewarm only the searches of every shape in shapes="A B C" (default: the three anchors), on all
+#                GPUs, the kernel cache tarred into $OUT/kernel_cache.tgz for a later step=bench cache_tgz=
+#                (x2: ~6-8 min at budget=20)
 #   step=e2e     prewarm a Llama- and a Gemma-2-shaped model, then a fresh
 #                process with zero misses and its forward time vs sdpa       (~5 min)
 #   step=multi   all-GPU vs single-GPU prewarm of the same 8 Llama signatures (nvidia-h200-x2, ~8 min)
@@ -41,14 +46,27 @@ case "${step:-tests}" in
       2>&1 | tail -4 ;;
   bench)
     fresh_cache
+    [ -z "${cache_tgz:-}" ] || tar xzf "$cache_tgz" -C "$R1ATTN_CACHE_DIR"
     # ~90 s per structured signature at S=4096 in session 2 (budget 30, 4 workers): one shape per call
     R1ATTN_WORKERS=${workers:-4} R1ATTN_SAMPLES=8 R1ATTN_ROUNDS=2 timeout ${t_bench:-560} \
-      python3 benchmarks/bench_variants.py --shape "${shape:-B4_H32_S4096_D128}" --prewarm-gpus "${gpus:-all}" \
+      python3 benchmarks/bench_variants.py $(for sh in ${shape:-B4_H32_S4096_D128}; do echo --shape $sh; done) --prewarm-gpus "${gpus:-all}" \
       --budget ${budget:-20} --quick $(for v in ${variants:-}; do echo --variant $v; done) 2>&1 | tee "$OUT/bench.log" | grep -E "^B|geometric|\|" || true
     save_reports
     # at most 8 files come back from a device call: the table (md, json, png) stays on top, the rest in one tgz
     (cd "$OUT" && tar czf bench_extras.tgz --remove-files $(ls bench.log prewarm_searches.json search_reports.tgz \
       prewarm_done 2>/dev/null)) || true ;;
+  prewarm)
+    fresh_cache
+    R1ATTN_WORKERS=${workers:-4} R1ATTN_SAMPLES=8 R1ATTN_ROUNDS=2 timeout ${t_prewarm:-540} \
+      python3 benchmarks/bench_variants.py --prewarm-only --prewarm-gpus "${gpus:-all}" --budget ${budget:-20} \
+      $(for sh in ${shapes:-B4_H32_S4096_D128 B8_H32_S2048_D64 B1_H32_S16384_D128}; do echo --shape $sh; done) \
+      2>&1 | tee "$OUT/prewarm.log" | grep -E "prewarm B|parallel prewarm" || true
+    # the cache (sources + safetensors) as one file: a fingerprint (GPU model, torch, triton, CUDA)
+    # names its directory, so another H200 of the same software reads it as hits
+    tar czf "$OUT/kernel_cache.tgz" -C "$R1ATTN_CACHE_DIR" .
+    save_reports
+    (cd "$OUT" && tar czf prewarm_extras.tgz --remove-files $(ls prewarm.log prewarm_*.json search_reports.tgz \
+      2>/dev/null)) || true ;;
   e2e)
     fresh_cache
     # per model: "name:prefill length timed" (generation always starts from a 240-token prompt);

@@ -145,3 +145,20 @@ def test_tune_templates_explicit_overrides_and_bad_ones(tmp_path):
     r = subprocess.run(cmd + ["--overrides", "{nope"], capture_output=True, text=True, env=env, timeout=300)
     assert r.returncode != 0 and "--overrides is not JSON" in r.stderr
 
+
+
+@pytest.mark.parametrize("S,block,want_blocks", [(256, 128, 0.75), (300, 128, None), (128, 64, 0.75)])
+def test_needed_block_fraction_counts_whole_tiles_with_any_allowed_pair(S, block, want_blocks):
+    """DESIGN's effective-FLOP definition (blocks actually needed) against the allowed-pair one:
+    causal at S=256 in 128-tiles needs 3 of 4 tiles; an odd length counts the edge tiles' real size."""
+    from benchmarks.common import Case, allowed_fraction, needed_block_fraction
+    from torch_r1attn import variants as V
+
+    c = Case("causal", 1, 1, 1, S, S, 64, V.causal())
+    pairs, blocks = allowed_fraction(c), needed_block_fraction(c, block)
+    assert pairs == pytest.approx(S * (S + 1) / 2 / S**2)
+    if want_blocks is None:  # 300 = 128 + 128 + 44: every tile on or below the diagonal
+        nb = [128, 128, 44]
+        want_blocks = sum(nb[i] * nb[j] for i in range(3) for j in range(i + 1)) / S**2
+    assert blocks == pytest.approx(want_blocks)
+    assert needed_block_fraction(Case("full", 1, 1, 1, S, S, 64, V.full()), block) == 1.0
