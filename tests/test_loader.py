@@ -254,7 +254,7 @@ def _hot_path_roundtrip(kc, dtype, device, shape, monkeypatch):
     from torch_r1attn import dispatch, functional
 
     B, H, S, D = shape
-    monkeypatch.setenv("R1ATTN_BOUND_LAUNCH", "1")  # opt-in bound launches (torch_r1attn.launch) on the hot path
+    monkeypatch.setenv("R1ATTN_BOUND_LAUNCH", "1")  # bound launches (torch_r1attn.launch, the default) on the hot path
     spec, (q, k, v), scale, checks = make_problem(dtype, B=B, H=H, Sq=S, Sk=S, D=D, device=device)
     store_kernel(kc, spec, checks)
     ref = checks["c0.ref"]
