@@ -548,6 +548,30 @@ def test_gpu_transformers_layout(tmp_path, name, cfg):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("cfg", [{"rel_asm": 1}, {"rel_asm": 2}, {"rel_asm": 2, "tma": True}, {"tma": True},
+                                 {"rel_asm": 2, "BLOCK_M": 128, "num_warps": 8}, {"rel_vec": False}])
+@pytest.mark.parametrize("Sq,Sk,tab_dtype", [(1000, 1000, torch.float32), (777, 1029, torch.bfloat16)])
+def test_gpu_relative_bias_load_paths(tmp_path, cfg, Sq, Sk, tab_dtype):
+    """Every way the bias tile is read (aligned copies through tl.load, inline-asm scalar and pair
+    loads, the scalar gather) at odd lengths, Sq != Sk (bottom-right), fp32 and bf16 tables."""
+    S = max(Sq, Sk)
+    tab = (torch.randn(8, 2 * S - 1, generator=torch.Generator().manual_seed(1)) * 0.5).to(tab_dtype)
+    var = V.causal("bottom_right") + V.relative_bias(tab)
+    run_case(tmp_path, var, B=2, Hq=8, Hkv=8, Sq=Sq, Sk=Sk, D=128, dtype=torch.bfloat16, config=cfg,
+             device="cuda", check_dtype=torch.float32, name="relpaths")
+
+
+def test_rel_asm_is_refused_on_the_cpu_and_without_rel_vec():
+    var = V.causal() + V.relative_bias(torch.randn(2, 79))
+    prob = make_problem(var, 1, 2, 2, 40, 40, 16, 16, torch.float16)
+    with pytest.raises(ValueError, match="rel_asm needs CUDA"):
+        normalize_config(prob, {"rel_asm": 2})
+    with pytest.raises(ValueError, match="rel_asm needs rel_vec=True"):
+        normalize_config(prob, {"rel_asm": 1, "rel_vec": False})
+    assert normalize_config(make_problem(V.causal(), 1, 2, 2, 40, 40, 16, 16, torch.float16), {})["rel_asm"] == 0
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("Sq", [1, 4])
 def test_gpu_decode(tmp_path, Sq):
     run_case(tmp_path, V.causal("bottom_right"), B=4, Hq=32, Hkv=8, Sq=Sq, Sk=4099, D=128, dtype=torch.bfloat16,

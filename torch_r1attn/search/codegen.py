@@ -78,6 +78,7 @@ class Ctx:
 
     decode: bool = False
     rel_vec: bool = False  # relative bias: aligned table copies, vector loads (prefill only)
+    rel_asm: int = 0  # with rel_vec: 1/2 = inline-asm loads of 1/2 fp32 in the score tile's layout
 
     @property
     def head(self) -> str:
@@ -241,7 +242,15 @@ def _relative_bias(p: V.RelativeBias, pre: str, ctx: Ctx) -> Fragment:
     four copies of the table, copy ``c`` shifted right by ``c`` elements, with padding past the
     end (one small prep kernel; ``{pre}W`` per copy, a multiple of 16); each row reads the copy
     in which its band starts on a multiple of 4 elements, so the tile loads 16-byte vectors
-    and needs no clamp on the key index. Otherwise keys past Sk are clamped per column."""
+    and needs no clamp on the key index. Otherwise keys past Sk are clamped per column.
+
+    The copies are fp32 whatever the table's dtype (exact). Triton loads the tile in a blocked
+    layout and moves it into the MMA accumulator's layout through shared memory (a barrier per
+    tile); ``ctx.rel_asm`` (CUDA) loads it with inline PTX instead, which Triton places straight
+    in the consumer's (the score tile's) layout: 1 = one ``ld.global.nc.f32`` per element; 2 =
+    two neighbouring elements per ``ld.global.nc.v2.f32`` when their addresses are adjacent and
+    8-byte aligned (in the accumulator layout a thread's element pairs are neighbouring keys),
+    two scalar loads otherwise, so it is correct in any layout."""
     f = Fragment(additive=True)
     t = f"{pre}rel_table"
     _bind(f, t)
@@ -263,10 +272,12 @@ def _relative_bias(p: V.RelativeBias, pre: str, ctx: Ctx) -> Fragment:
     f.constexprs.append((f"{pre}NOCLAMP", f"{pre}noclamp"))
     if ctx.rel_vec:
         f.helpers.append(_REL_ALIGN)
+        if ctx.rel_asm:
+            f.helpers.append(_REL_LD)
         f.host += [
             f"{pre}W = ((({t}.shape[1] + 3 + BLOCK_N) + 15) // 16) * 16",
             f"if {pre}noclamp:",
-            f"    {pre}tab = torch.empty(({t}.shape[0], 4, {pre}W), dtype={t}.dtype, device={t}.device)",
+            f"    {pre}tab = torch.empty(({t}.shape[0], 4, {pre}W), dtype=torch.float32, device={t}.device)",
             f"    _rel_align[(_cdiv({pre}W, 1024), 4, {t}.shape[0])]({t}, {pre}tab, {t}.stride(0), {t}.stride(1),",
             f"                                                      {t}.shape[1], {pre}W, BLOCK=1024)",
             "else:",
@@ -283,7 +294,8 @@ def _relative_bias(p: V.RelativeBias, pre: str, ctx: Ctx) -> Fragment:
             f"{pre}vp = {pre}tab + {ctx.head} * {pre}sh4 + {pre}c * {pre}W + tl.multiple_of({pre}o + {pre}c, 4)",
         ]
         # the templates' loop bounds let Triton prove a tile's first key a multiple of BLOCK_N
-        fast = [f"s = s + tl.load({pre}vp[:, None] + kv_r).to(tl.float32) * __UNIT__"]
+        ld = f"_rel_ld{ctx.rel_asm}" if ctx.rel_asm else "tl.load"
+        fast = [f"s = s + {ld}({pre}vp[:, None] + kv_r).to(tl.float32) * __UNIT__"]
     else:
         f.prologue.append(f"{pre}rp = {pre}row + ({pre}R - tl.minimum(q_pos, Sq - 1 + OFFSET)) * {pre}sw")
         fast = [f"{pre}kc = tl.minimum(kv_idx, Sk - 1)",
@@ -303,6 +315,27 @@ def _rel_align(T, OUT, st_h, st_w, L, W, BLOCK: tl.constexpr):
     ok = (src >= 0) & (src < L)
     val = tl.load(T + h * st_h + src * st_w, mask=ok, other=0.0)
     tl.store(OUT + (h * 4 + c) * W + x, val, mask=x < W)
+'''
+
+# Inline-asm fp32 loads for the relative-bias tile (ctx.rel_asm; CUDA only, the interpreter cannot
+# run them). The copies are written by an earlier launch and only read here: .nc is safe.
+_REL_LD = '''
+@triton.jit
+def _rel_ld1(ptr):
+    return tl.inline_asm_elementwise("ld.global.nc.f32 $0, [$1];", "=f,l", [ptr], dtype=tl.float32,
+                                     is_pure=True, pack=1)
+
+
+@triton.jit
+def _rel_ld2(ptr):
+    # $2, $3: the pointers of two elements a thread holds next to each other; one 8-byte load when
+    # they are adjacent and aligned (neighbouring keys of one row), else two loads
+    return tl.inline_asm_elementwise(
+        "{ .reg .pred %pv; .reg .b64 %dd, %da; sub.s64 %dd, $3, $2; xor.b64 %dd, %dd, 4; "
+        "and.b64 %da, $2, 7; or.b64 %dd, %dd, %da; setp.eq.s64 %pv, %dd, 0; "
+        "@%pv ld.global.nc.v2.f32 {$0, $1}, [$2]; @!%pv ld.global.nc.f32 $0, [$2]; "
+        "@!%pv ld.global.nc.f32 $1, [$3]; }",
+        "=f,=f,l,l", [ptr], dtype=tl.float32, is_pure=True, pack=2)
 '''
 
 

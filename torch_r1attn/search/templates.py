@@ -37,6 +37,8 @@ Knobs (keys of ``config``)::
     rel_vec          relative bias (prefill): read the table through four aligned copies written
                      by a prep kernel, so bias tiles load as 16-byte vectors (off: the scalar
                      Toeplitz gather straight from the caller's table)
+    rel_asm          with rel_vec (CUDA): 0 = tl.load (then a shared-memory trip into the score
+                     tile's layout), 1 / 2 = inline-asm loads of 1 / 2 fp32 straight in that layout
     num_splits       decode: kv splits (0 = enough to fill the GPU twice)
 
 The Hopper knobs and ``fast_tanh`` default off on the CPU and are searched on CUDA only
@@ -77,9 +79,10 @@ KNOB_VALUES: dict[str, tuple] = {
     "warp_specialize": (False, True),
     "pipeline_qk": (False, True),
     "rel_vec": (True, False),
+    "rel_asm": (0, 1, 2),
     "num_splits": (0, 1, 2, 4, 8, 16, 32),
 }
-_CUDA_ONLY = ("fast_tanh", "tma", "warp_specialize")
+_CUDA_ONLY = ("fast_tanh", "tma", "warp_specialize", "rel_asm")
 # knobs only an explicit config turns on (tune_templates --ab); the neighbour search leaves them
 # alone. pipeline_qk: 36-65% slower on every variant at S4096 D128 on the H200 (session 6,
 # results/tune_templates_H200_session6_pipeline_qk*): Triton waits for the early Q.K^T where it is
@@ -120,7 +123,7 @@ def default_config(problem: Problem) -> dict[str, Any]:
         "exp2": True, "fold_scale": False, "split_loop": True, "branch_mask": False,
         "reverse_m": _causal_like(problem.variant),
         "fast_tanh": not cpu, "tma": False, "warp_specialize": False, "pipeline_qk": False, "num_splits": 0,
-        "rel_vec": not decode,
+        "rel_vec": not decode, "rel_asm": 0,
     }
     if cpu:
         cfg.update(BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=1)
@@ -203,6 +206,13 @@ def normalize_config(problem: Problem, config: dict[str, Any] | None) -> dict[st
         cfg["fast_tanh"] = False  # no tanh in the kernel: keep one canonical config
     if cfg["path"] == "decode" or not any(isinstance(p, V.RelativeBias) for p in problem.variant.canonical_parts):
         cfg["rel_vec"] = False  # only the prefill relative-bias gather has the aligned form
+    if cfg["rel_asm"] and not cfg["rel_vec"]:
+        if (config or {}).get("rel_asm"):
+            raise ValueError("template knob rel_asm needs rel_vec=True (it loads the aligned copies) on a "
+                             "relative-bias prefill kernel")
+        cfg["rel_asm"] = 0
+    if cfg["rel_asm"] and _is_cpu(problem):
+        raise ValueError("template knob rel_asm needs CUDA; the CPU interpreter cannot run inline asm")
     return cfg
 
 
@@ -739,7 +749,8 @@ def generate_source(problem: Problem, config: dict[str, Any] | None = None) -> s
     cfg = normalize_config(problem, config)
     spec = problem.spec
     decode = cfg["path"] == "decode"
-    vc = variant_code(problem.variant, Ctx(decode=decode, rel_vec=cfg["rel_vec"]), exp2=cfg["exp2"])
+    vc = variant_code(problem.variant, Ctx(decode=decode, rel_vec=cfg["rel_vec"], rel_asm=cfg["rel_asm"]),
+                      exp2=cfg["exp2"])
     score, factor = _score_lines(vc, cfg)
     D, DV = spec.head_dim, spec.head_dim_v
     BD, BDV = _pow2_at_least(D), _pow2_at_least(DV)
@@ -896,7 +907,8 @@ def _spread_d128(variant: V.Variant) -> list[dict[str, Any]]:
     if kind == "relbias":  # default M64 N64 w4 s2 fold (unfolded: 3x slower, left to later rounds)
         # rel_vec (default on) is unmeasured at its introduction: the scalar gather's best
         # (tma, session 3-7 winner) stays in round one beside it
-        return [{}, {"tma": True}, {"tma": True, "rel_vec": False}, {"BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 8},
+        return [{}, {"tma": True}, {"tma": True, "rel_vec": False}, {"tma": True, "rel_asm": 2},
+                {"tma": True, "rel_asm": 1}, {"BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 8},
                 {**m128, "tma": True}, {"num_stages": 1}, m128, {"BLOCK_N": 32}, {"BLOCK_N": 128}] + late
     return [{}, {"tma": True}, {"BLOCK_N": 32}, {"fold_scale": True}, {"num_stages": 2}, m128,
             {"BLOCK_N": 32, "num_stages": 4}, {"tma": True, "BLOCK_N": 32}] + late
