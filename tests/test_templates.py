@@ -192,7 +192,8 @@ def test_relative_bias_prep_kernel_writes_shifted_copies(tmp_path):
 
 def test_relative_bias_tiles_load_as_16_byte_vectors_on_sm90(tmp_path):
     """The point of rel_vec: compiled for the H200 (sm90, compile only, no GPU needed) the bias
-    tile of every kv loop loads as ld.global.v4 (4 fp32 per load), the scalar gather as b32 loads.
+    tile of every kv loop loads as ld.global.v4 (4 fp32 per load), the scalar gather as b32 loads;
+    with rel_asm=2 as 8-byte pairs straight in the accumulator layout (no shared-memory trip).
     Compiled in a subprocess: this process runs Triton's interpreter."""
     import os
     import re
@@ -202,9 +203,10 @@ def test_relative_bias_tiles_load_as_16_byte_vectors_on_sm90(tmp_path):
     S, H = 4096, 32
     var = V.causal() + V.relative_bias(torch.zeros(H, 2 * S - 1))
     prob = make_problem(var, 4, H, H, S, S, 128, 128, torch.bfloat16, "cuda")
-    loads = {}
-    for vec in (True, False):
-        cfg = {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2, "rel_vec": vec, "fast_tanh": False}
+    loads, shared = {}, {}
+    for vec in (True, False, "asm"):
+        cfg = {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2, "rel_vec": bool(vec),
+               "rel_asm": 2 if vec == "asm" else 0, "fast_tanh": False}
         path = tmp_path / f"rel_sm90_{vec}.py"
         path.write_text(generate_source(prob, cfg))
         env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
@@ -214,9 +216,14 @@ def test_relative_bias_tiles_load_as_16_byte_vectors_on_sm90(tmp_path):
             pytest.skip(f"cannot compile for sm90 here: {r.stderr.strip()[-300:]}")
         assert r.returncode == 0, r.stderr[-3000:]
         loads[vec] = re.findall(r"ld\.global(?:\.[a-z0-9]+)*", r.stdout)
+        shared[vec] = len(re.findall(r"st\.shared", r.stdout))
     # 64x64 fp32 tile / 128 threads = 32 elements per thread: 8 v4 loads per loop, 3 loops
     assert loads[True].count("ld.global.v4.b32") - loads[False].count("ld.global.v4.b32") == 3 * 8
     assert loads[False].count("ld.global.b32") == 3 * 32 and loads[True].count("ld.global.b32") == 0
+    # rel_asm=2: 16 pair loads per tile (plus the predicated-off scalar fallback), no shared-memory
+    # trip for the bias tile (what is left in shared stores is the output epilogue's)
+    assert loads["asm"].count("ld.global.nc.v2.f32") == 3 * 16
+    assert shared["asm"] < shared[True] < shared[False]
 
 
 # argv[1]: a generated relative-bias module (S4096 D128 bf16, M64 N64 w4 s2); prints its sm90 PTX
@@ -609,3 +616,16 @@ def test_d64_round_one_follows_the_h200_searches():
     doc = spread(V.causal() + V.document(torch.arange(2048) // 256))
     assert doc[0] == (64, 64, 4, 4, False) and (128, 32, 4, 4, False) in doc[:4]
     assert spread(V.causal())[0] == (128, 64, 4, 3, False)
+
+
+def test_neighbours_of_an_asm_relative_bias_config_include_the_gather(monkeypatch):
+    from torch_r1attn.search import templates as T
+
+    monkeypatch.setattr(T, "_is_cpu", lambda p: False)  # a CUDA problem's knobs, without a GPU
+    var = V.causal() + V.relative_bias(torch.randn(4, 2 * 512 - 1))
+    prob = make_problem(var, 1, 4, 4, 512, 512, 128, 128, torch.bfloat16, "cuda")
+    cfg = T.normalize_config(prob, {})
+    assert cfg["rel_vec"] and cfg["rel_asm"] == 2  # the D128 default (H200 session 8)
+    near = T._neighbours(prob, cfg)
+    assert any(not c["rel_vec"] and c["rel_asm"] == 0 for c in near)
+    assert {c["rel_asm"] for c in near if c["rel_vec"]} >= {1, 2}

@@ -167,6 +167,14 @@ def default_config(problem: Problem) -> dict[str, Any]:
         # relative bias: folded 2.130 ms vs 6.905 ms unfolded at M64 w4 s2 (round 3); round 1
         # (old gather) 2.362 vs 2.921 at M128: fewer live registers next to the bias gather
         cfg["fold_scale"] = True
+    if kind == "relbias":
+        # H200 session 8 searches (results/*session8*): S4096 D128 M64 N64 w4 s2 tma: rel_asm=2
+        # 1.590 ms, aligned copies through tl.load 1.894, the scalar gather 2.054; S2048 D64 s4:
+        # the gather (with tma) 0.749, rel_asm=2 0.838, tl.load copies 0.856
+        if d <= 64:
+            cfg["rel_vec"] = False
+        else:
+            cfg["rel_asm"] = 2
     return cfg
 
 
@@ -878,13 +886,16 @@ def _spread_d64(variant: V.Variant) -> list[dict[str, Any]]:
         return [{}, {"BLOCK_M": 128, "BLOCK_N": 32}, {"BLOCK_N": 32}, m128w8, {"num_stages": 3},
                 {"fold_scale": True}] + late
     if kind == "relbias":  # fold_scale is the default for relative bias; tma won here
-        # rel_asm first (H200 session 8, D128: with it in round one the S4096 search reached 1.98x Flex,
-        # from 1.55-1.67x); the scalar gather (rel_vec off) kept as a candidate
-        return [{"rel_asm": 2}, {"tma": True, "rel_asm": 2}, {"tma": True, "rel_vec": False}, {},
-                {**m128w8, "rel_asm": 2}, {"rel_asm": 1}, {"BLOCK_N": 32, "rel_asm": 2},
-                {"BLOCK_M": 128, "tma": True, "num_stages": 3}] + slow
-    return [{}, m128w8, {"BLOCK_N": 32}, {"fold_scale": True}, {"num_stages": 3},
-            {**m128w8, "fold_scale": True}] + late
+        # default: the scalar gather (session 8: 0.749 ms with tma vs 0.838 for rel_asm=2 and
+        # 0.856 for the copies through tl.load; session 5's winner, without tma, 0.699)
+        vec = {"rel_vec": True, "rel_asm": 2}
+        return [{}, {"tma": True}, vec, {**vec, "tma": True}, m128w8, {"num_stages": 3}, {"BLOCK_N": 32},
+                {"BLOCK_M": 128, "tma": True, "num_stages": 3}, {"BLOCK_M": 128, "num_stages": 3}] + slow
+    # M128 N64 w4 s3 second: session 5's bench winners for ALiBi, soft-cap and prefix-LM (0.423 /
+    # 0.483 / 0.406 ms); session 8's searches, which did not reach it at budget 20, kept M64 s4 / s3
+    # and measured 0.452 / 0.499 / 0.440
+    return [{}, {"BLOCK_M": 128, "num_stages": 3}, m128w8, {"BLOCK_N": 32}, {"fold_scale": True},
+            {"num_stages": 3}, {**m128w8, "fold_scale": True}] + late
 
 
 def _spread_d128(variant: V.Variant) -> list[dict[str, Any]]:
@@ -908,9 +919,9 @@ def _spread_d128(variant: V.Variant) -> list[dict[str, Any]]:
         return [{}, {"num_stages": 2}, {"BLOCK_N": 64, "num_stages": 2}, {"BLOCK_N": 64},
                 {"BLOCK_N": 64, "branch_mask": True}, {"tma": True}, m128, {"fold_scale": True}] + late
     if kind == "relbias":  # default M64 N64 w4 s2 fold (unfolded: 3x slower, left to later rounds)
-        # rel_vec (default on) is unmeasured at its introduction: the scalar gather's best
-        # (tma, session 3-7 winner) stays in round one beside it
-        return [{}, {"tma": True}, {"tma": True, "rel_vec": False}, {"tma": True, "rel_asm": 2},
+        # default rel_asm=2; session 8 (S4096): with tma 1.590 ms, the winner; the scalar gather
+        # with tma (sessions 3-7's winner) 2.054, the copies through tl.load 1.894
+        return [{"tma": True}, {}, {"tma": True, "rel_vec": False}, {"tma": True, "rel_asm": 0},
                 {"tma": True, "rel_asm": 1}, {"BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 8},
                 {**m128, "tma": True}, {"num_stages": 1}, m128, {"BLOCK_N": 32}, {"BLOCK_N": 128}] + late
     return [{}, {"tma": True}, {"BLOCK_N": 32}, {"fold_scale": True}, {"num_stages": 2}, m128,
@@ -937,8 +948,11 @@ def _neighbours(problem: Problem, cfg: dict[str, Any]) -> list[dict[str, Any]]:
         if isinstance(vals[0], bool):
             steps = [not cfg[k]]
         for val in steps:
+            step = {**cfg, k: val}
+            if k == "rel_vec" and not val:
+                step["rel_asm"] = 0  # the asm loads read the aligned copies: off with them
             try:
-                out.append(normalize_config(problem, {**cfg, k: val}))
+                out.append(normalize_config(problem, step))
             except ValueError:
                 continue
     return out
