@@ -46,7 +46,7 @@ case "${step:-tests}" in
       2>&1 | tail -4 ;;
   bench)
     fresh_cache
-    [ -z "${cache_tgz:-}" ] || tar xzf "$cache_tgz" -C "$R1ATTN_CACHE_DIR"
+    [ -z "${cache_tgz:-}" ] || python3 -m torch_r1attn.cli cache import "$cache_tgz"
     # ~90 s per structured signature at S=4096 in session 2 (budget 30, 4 workers): one shape per call
     R1ATTN_WORKERS=${workers:-4} R1ATTN_SAMPLES=8 R1ATTN_ROUNDS=2 timeout ${t_bench:-560} \
       python3 benchmarks/bench_variants.py $(for sh in ${shape:-B4_H32_S4096_D128}; do echo --shape $sh; done) --prewarm-gpus "${gpus:-all}" \
@@ -61,9 +61,10 @@ case "${step:-tests}" in
       python3 benchmarks/bench_variants.py --prewarm-only --prewarm-gpus "${gpus:-all}" --budget ${budget:-20} \
       $(for sh in ${shapes:-B4_H32_S4096_D128 B8_H32_S2048_D64 B1_H32_S16384_D128}; do echo --shape $sh; done) \
       2>&1 | tee "$OUT/prewarm.log" | grep -E "prewarm B|parallel prewarm" || true
-    # the cache (sources + safetensors) as one file: a fingerprint (GPU model, torch, triton, CUDA)
-    # names its directory, so another H200 of the same software reads it as hits
-    tar czf "$OUT/kernel_cache.tgz" -C "$R1ATTN_CACHE_DIR" .
+    # the entries (sources + safetensors, no reports or CUDA builds: a tar of the whole directory
+    # was 114 MB in session 8, over what a call returns) as one file; the fingerprint (GPU model,
+    # torch, triton, CUDA) travels in it, so another H200 of the same software imports it as hits
+    python3 -m torch_r1attn.cli cache export "$OUT/kernel_cache.tgz"; ls -la "$OUT/kernel_cache.tgz"
     save_reports
     (cd "$OUT" && tar czf prewarm_extras.tgz --remove-files $(ls prewarm.log prewarm_*.json search_reports.tgz \
       2>/dev/null)) || true ;;
