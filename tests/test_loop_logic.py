@@ -189,3 +189,33 @@ def test_dispatch_table_stays_on_one_entry_per_bucket(monkeypatch, cache_dir):
     kv = torch.randn(1, 2, 33, 16)
     r1.attention(q, kv, kv, variant=V.causal("bottom_right"))
     assert len(dispatch.status()) == 2  # the next bucket is a new signature
+
+
+@pytest.mark.parametrize("variant,S,D,dtype,want_len", [
+    (V.causal() + V.relative_bias(torch.randn(32, 2 * 4096 - 1)), 4096, 128, torch.bfloat16, (129, 129)),
+    (V.sliding_window(1024), 4096, 128, torch.bfloat16, (129, 129)),
+    (V.causal(), 100, 64, torch.float16, (100, 100)),  # bucket 128, call length 100: capped at the call
+    (V.causal(), 48, 16, torch.float16, None),  # a small bucket keeps its <= 64 edge shapes
+])
+def test_check_set_stays_small_for_large_buckets(variant, S, D, dtype, want_len):
+    """Session 8: at S4096 the check set fell back to an in-bucket ~2049x2049 shape (~7 MB an
+    entry, 114 MB for one run's cache). Large buckets now store short awkward shapes instead."""
+    from torch_r1attn.cache import split_check_set
+    from torch_r1attn.search.loop import check_set
+
+    q = torch.empty(4, 32, S, D, dtype=dtype, device="meta")
+    spec = AttentionSpec.from_call(q, q, q, variant.key)
+    prob = Problem.from_spec(spec, variant, device="cpu", shape=(4, 32, 32, S, S))
+    ts = check_set(prob)
+    cases = split_check_set(ts)
+    assert len(cases) == 2
+    total = sum(t.numel() * t.element_size() for t in ts.values())
+    for c in cases:
+        B, Hq, Sq, _ = c.q.shape
+        assert B == 1 and Hq == 2  # the edge shapes' two kv heads (GQA 1)
+        if want_len is None:
+            assert Sq <= 64 and c.k.shape[2] <= 64
+    if want_len is not None:
+        assert (cases[0].q.shape[2], cases[0].k.shape[2]) == want_len
+        assert cases[1].q.shape[2] <= 65 and cases[1].k.shape[2] <= 127
+    assert total < (1.6e6 if D == 128 else 1e6), total

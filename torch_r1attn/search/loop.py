@@ -253,10 +253,22 @@ def _select_and_store(problem, ok_results, res: SearchResult, s: Settings, cache
 
 def check_set(problem: Problem, seed: int = 1234, cases: int = 2) -> dict[str, torch.Tensor]:
     """A small re-checkable sample for ``r1attn cache verify``: the two largest edge shapes of at
-    most 64x64, their inputs, float64 reference and same-dtype baseline (cache.make_check_case)."""
+    most 64x64, their inputs, float64 reference and same-dtype baseline (cache.make_check_case).
+
+    A large bucket's edge shapes all lie in its upper half (>= 2049 at S4096: ~7 MB per case at
+    D128, 114 MB for one H200 run's cache in session 8, too large to move between machines). A
+    kernel takes every length up to its bucket's, so those buckets get two short awkward shapes
+    instead: 129 x 129 and 65 x 127 (several tiles, partial last tiles, Sq != Sk), capped at the
+    bucket and the call's lengths, with the edge shapes' two kv heads: ~0.5 MB per case at D128."""
     from ..cache import make_check_case
 
-    small = [sh for sh in problem.edge_shapes if sh[3] <= 64 and sh[4] <= 64] or problem.edge_shapes[:1]
+    small = [sh for sh in problem.edge_shapes if sh[3] <= 64 and sh[4] <= 64]
+    if not small and problem.edge_shapes:
+        _, hq, hkv = problem.edge_shapes[0][:3]
+        # at most the call's own lengths too: a callable's captured tensors were sized for them
+        sqb = min(problem.spec.sq_bucket, problem.shape[3])
+        skb = min(problem.spec.sk_bucket, problem.shape[4])
+        small = [(1, hq, hkv, min(129, sqb), min(129, skb)), (1, hq, hkv, min(65, sqb), min(127, skb))]
     small = sorted(small, key=lambda sh: sh[3] * sh[4], reverse=True)[:cases]
     dt = problem.dtype
     D, Dv = problem.spec.head_dim, problem.spec.head_dim_v
