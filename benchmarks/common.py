@@ -109,17 +109,13 @@ def needed_block_fraction(c: Case, block: int = 128) -> float:
     m = c.variant.dense_mask(1, 1, c.Sq, c.Sk, device)
     if m is None:
         return 1.0
-    m = m.reshape(c.Sq, c.Sk)
     nq, nk = -(-c.Sq // block), -(-c.Sk // block)
     padded = torch.zeros(nq * block, nk * block, dtype=torch.bool, device=m.device)
-    padded[:c.Sq, :c.Sk] = m
+    padded[:c.Sq, :c.Sk] = m.reshape(c.Sq, c.Sk)
     need = padded.view(nq, block, nk, block).any(dim=3).any(dim=1)  # (nq, nk)
-    rows = torch.full((nq,), block, device=m.device)
-    rows[-1] = c.Sq - (nq - 1) * block
-    cols = torch.full((nk,), block, device=m.device)
-    cols[-1] = c.Sk - (nk - 1) * block
-    area = rows[:, None] * cols[None, :]
-    return float((area * need).sum()) / (c.Sq * c.Sk)
+    # each needed tile back at element size, cropped to the real lengths
+    pairs = need.repeat_interleave(block, 0).repeat_interleave(block, 1)[:c.Sq, :c.Sk]
+    return float(pairs.float().mean())
 
 
 def effective_tflops(c: Case, ms: float, frac: float) -> float:
