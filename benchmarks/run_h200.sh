@@ -52,6 +52,9 @@ case "${step:-tests}" in
       python3 benchmarks/bench_variants.py $(for sh in ${shape:-B4_H32_S4096_D128}; do echo --shape $sh; done) --prewarm-gpus "${gpus:-all}" \
       --budget ${budget:-20} --quick $(for v in ${variants:-}; do echo --variant $v; done) 2>&1 | tee "$OUT/bench.log" | grep -E "^B|geometric|\|" || true
     save_reports
+    # export=1: the kernel cache this run searched comes back too (its size checks the check sets;
+    # a later call can import it)
+    [ -z "${export:-}" ] || { python3 -m torch_r1attn.cli cache export "$OUT/kernel_cache.tgz"; ls -la "$OUT/kernel_cache.tgz"; }
     # at most 8 files come back from a device call: the table (md, json, png) stays on top, the rest in one tgz
     (cd "$OUT" && tar czf bench_extras.tgz --remove-files $(ls bench.log prewarm_searches.json search_reports.tgz \
       prewarm_done 2>/dev/null)) || true ;;
