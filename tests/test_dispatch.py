@@ -23,8 +23,12 @@ class _Recorder:
         return None
 
 
-@pytest.fixture
-def inject():
+@pytest.fixture(params=["python", "cpp"])
+def inject(request):
+    """Put a stand-in kernel in the table. Each test runs twice: repeat calls served by the Python
+    hot runner, then with the C++ fast path (csrc/hotpath.cpp) asked first."""
+    if request.param == "cpp":
+        request.getfixturevalue("cpp_hot")
     made = []
 
     def put(q, k, v, variant, strided_out=False):
@@ -254,6 +258,7 @@ def test_a_hot_repeat_call_behaves_like_the_first(inject, case):
             dispatch._table[table_key(q, k, v, var)].path = "sdpa"
         r1.attention(q, k, v, **kw)
         r1.attention(q, k, v, **kw)  # the memo now holds a runner
+        r1.attention(q, k, v, **kw)  # and the C++ fast path (when asked) an entry
         hot = _outcome(lambda: r1.attention(q, k, v, **{**kw, **odd}))
         assert hot == cold, (entry, case)
         if case == "decode_q_strides" and entry == "kernel":

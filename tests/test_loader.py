@@ -246,9 +246,10 @@ def test_real_triton_kernel_loads_and_runs_in_a_fresh_process_gpu(kc, dtype):
     _fresh_process_roundtrip(kc, dtype, "cuda", (2, 8, 1024, 64))
 
 
-def _hot_path_roundtrip(kc, dtype, device, shape, monkeypatch):
+def _hot_path_roundtrip(kc, dtype, device, shape, monkeypatch, native=None):
     """A cached real Triton kernel through the public API: the first call resolves and loads it
-    (dispatch.forward), every repeat takes the front end's hot runner; each output against the
+    (dispatch.forward), every repeat takes the front end's hot runner (``native``: the C++ fast
+    path's module, which then takes the repeats after the first); each output against the
     reference, explicit scales included, and the HF (B, S, H, D)-output call too."""
     import torch_r1attn as r1
     from torch_r1attn import dispatch, functional
@@ -269,11 +270,19 @@ def _hot_path_roundtrip(kc, dtype, device, shape, monkeypatch):
         assert again.data_ptr() != out.data_ptr()
         assert_close_to_ref(again.cpu(), ref, checks["c0.baseline"])
     assert forwards == []  # every repeat took the hot runner
+    if native is not None:
+        assert native.size() == 1  # registered by the first repeat; the other two ran from C++
+        slow = []
+        real_attention = functional._attention
+        monkeypatch.setattr(functional, "_attention", lambda *a, **kw: slow.append(1) or real_attention(*a, **kw))
+        assert_close_to_ref(r1.attention(q, k, v).cpu(), ref, checks["c0.baseline"])
+        assert slow == []
+        monkeypatch.setattr(functional, "_attention", real_attention)
     from torch_r1attn.launch import BoundLauncher
 
     kern_fn = next(iter(dispatch._table.values())).kernel.fn
     bound = sum(o.bound_launches for o in kern_fn.__globals__.values() if isinstance(o, BoundLauncher))
-    assert bound >= (3 if device == "cuda" else 0)  # on the GPU the repeats are bound launches (interpreter: none)
+    assert bound >= (3 + (native is not None) if device == "cuda" else 0)  # on the GPU the repeats are bound launches (interpreter: none)
     half = r1.attention(q, k, v, scale=scale / 2)  # a different scale reaches the kernel
     from torch_r1attn.reference import reference_attention
     from torch_r1attn.variants import Variant
@@ -287,11 +296,15 @@ def _hot_path_roundtrip(kc, dtype, device, shape, monkeypatch):
     assert forwards == [1]
 
 
-def test_cached_kernel_repeat_calls_take_the_hot_runner(kc, monkeypatch):
-    _hot_path_roundtrip(kc, torch.float16, "cpu", (1, 2, 32, 16), monkeypatch)
+@pytest.mark.parametrize("native", [False, True], ids=["python", "cpp"])
+def test_cached_kernel_repeat_calls_take_the_hot_runner(kc, monkeypatch, request, native):
+    mod = request.getfixturevalue("cpp_hot") if native else None
+    _hot_path_roundtrip(kc, torch.float16, "cpu", (1, 2, 32, 16), monkeypatch, mod)
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("native", [False, True], ids=["python", "cpp"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_cached_kernel_repeat_calls_take_the_hot_runner_gpu(kc, dtype, monkeypatch):
-    _hot_path_roundtrip(kc, dtype, "cuda", (2, 8, 1024, 64), monkeypatch)
+def test_cached_kernel_repeat_calls_take_the_hot_runner_gpu(kc, dtype, monkeypatch, request, native):
+    mod = request.getfixturevalue("cpp_hot") if native else None
+    _hot_path_roundtrip(kc, dtype, "cuda", (2, 8, 1024, 64), monkeypatch, mod)

@@ -109,6 +109,12 @@ def cmd_prewarm(args) -> int:
     results = schedule.run_jobs(jobs, schedule.parse_gpus(args.gpus), settings=s, progress=True)
     print(schedule.summary_table(results))
     print(f"prewarm: {len(results)} signature(s) in {time.monotonic() - t0:.1f} s")
+    from . import hotpath
+
+    # the C++ cache-hit fast path: built here, once, so a process that loads these kernels
+    # later only loads it (R1ATTN_HOTPATH=off skips it)
+    if hotpath.ensure(block=True):
+        print("prewarm: C++ cache-hit fast path ready")
     return 1 if any(r.status == "failed" for r in results) else 0
 
 
@@ -249,6 +255,9 @@ def doctor_report() -> dict[str, Any]:
         rep["settings_error"] = str(e)
     rep["on_miss"], rep["proposer"], rep["fallback_setting"] = s.on_miss, s.proposer, s.fallback
     rep["cache"] = _cache_check(s)
+    from . import hotpath
+
+    rep["hotpath"] = {"setting": s.hotpath, **hotpath.status()}
     rep["llm"] = _llm_check(s)
     dev = torch.device("cuda" if gpus else "cpu")
     common = {"full": V.full(), "causal": V.causal(), "decode (causal@br)": V.causal(align="bottom_right"),

@@ -19,6 +19,7 @@ from typing import Any, Mapping
 ON_MISS_CHOICES = ("background", "sync", "off")
 PROPOSER_CHOICES = ("templates", "llm", "all")
 FALLBACK_CHOICES = ("auto", "sdpa", "flex", "eager")
+HOTPATH_CHOICES = ("auto", "off")
 
 # Default model id of NVIDIA's hosted DeepSeek-R1 endpoint (build.nvidia.com).
 DEFAULT_LLM_MODEL = "deepseek-ai/deepseek-r1"
@@ -101,6 +102,10 @@ class Settings:
         default=400_000,
         metadata=_meta("R1ATTN_LLM_MAX_TOTAL_TOKENS", "Total LLM tokens per signature."),
     )
+    hotpath: str = field(
+        default="auto",
+        metadata=_meta("R1ATTN_HOTPATH", "C++ cache-hit fast path: auto (built once, in the background) or off."),
+    )
     log_level: str | None = field(
         default=None, metadata=_meta("R1ATTN_LOG_LEVEL", "Log level for the torch_r1attn logger.")
     )
@@ -114,6 +119,8 @@ class Settings:
             bad("on_miss", f"{self.on_miss!r} is not one of {ON_MISS_CHOICES}")
         if self.proposer not in PROPOSER_CHOICES:
             bad("proposer", f"{self.proposer!r} is not one of {PROPOSER_CHOICES}")
+        if self.hotpath not in HOTPATH_CHOICES:
+            bad("hotpath", f"{self.hotpath!r} is not one of {HOTPATH_CHOICES}")
         if self.fallback not in FALLBACK_CHOICES:
             bad("fallback", f"{self.fallback!r} is not one of {FALLBACK_CHOICES}")
         for name in ("budget_s", "verify_timeout_s", "llm_request_timeout_s"):

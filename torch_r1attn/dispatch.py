@@ -176,13 +176,19 @@ def hot_runner(key: tuple, variant: Variant, bshd_out: bool = False,
     grad_enabled, empty_like, contiguous = torch.is_grad_enabled, torch.empty_like, torch.contiguous_format
     check_layout = not r.strided_out  # verified on contiguous inputs only: others go through forward (it copies)
     if r.strided_out and bshd_out:  # the kernel writes (B, S, H, Dv) and the caller wants that layout
+        mode = 2
+
         def alloc(q, v):
             B, H, S, _ = q.shape
             return q.new_empty((B, S, H, v.shape[-1])).transpose(1, 2)
     elif key[2] == key[3]:  # q's and v's head dims, fixed by the key: empty_like is ~3x cheaper than torch.empty
+        mode = 0
+
         def alloc(q, v):
             return empty_like(q, memory_format=contiguous)  # standard strides, as forward's
     else:
+        mode = 1
+
         def alloc(q, v):
             return q.new_empty(q.shape[:-1] + (v.shape[-1],))
 
@@ -195,6 +201,9 @@ def hot_runner(key: tuple, variant: Variant, bshd_out: bool = False,
         fn(q, k, v, out, scale, **tensors)
         return out
 
+    # what the C++ fast path (hotpath.py) needs to do the same: the launch, the variant's tensors,
+    # the allocation (0 empty_like, 1 (B, H, S, Dv), 2 (B, S, H, Dv) transposed), the layout check
+    run.native = (fn, tensors, mode, check_layout)
     return run
 
 
@@ -208,6 +217,7 @@ def _fallback_runner(path: str, variant: Variant, enable_gqa: bool) -> Callable:
             return None
         return run_path(path, q, k, v, variant, scale, enable_gqa)
 
+    run.native = None  # the C++ fast path calls this runner as it is
     return run
 
 

@@ -11,7 +11,7 @@ import math
 
 import torch
 
-from . import dispatch
+from . import dispatch, hotpath
 from .spec import length_bucket
 from . import variants as V
 from .variants import Variant
@@ -63,13 +63,27 @@ def attention(
             x . . .                         x x x .
             x x . .                         x x x x
     """
+    hot = _hot_call
+    if hot is not None and attn_mask is None and not _is_compiling():
+        out = hot(query, key, value, variant, is_causal, enable_gqa, scale, dropout_p, False)
+        if out is not None and out is not Ellipsis:
+            return out
+        return _attention(query, key, value, None, dropout_p, is_causal, scale, enable_gqa, variant, on_miss,
+                          hot_miss=out is None)
     return _attention(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, variant, on_miss)
 
 
 def _attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False,
-               variant=None, on_miss=None, bshd_out: bool = False) -> torch.Tensor:
+               variant=None, on_miss=None, bshd_out: bool = False, hot_miss: bool | None = None) -> torch.Tensor:
     """:func:`attention`; ``bshd_out`` (integrations that transpose the result to (B, S, H, Dv))
-    lets a kernel write that layout directly (see :func:`dispatch.forward`)."""
+    lets a kernel write that layout directly (see :func:`dispatch.forward`). ``hot_miss``: the C++
+    fast path was asked and had no entry (True), declined (False), or was not asked (None: ask it
+    here)."""
+    if hot_miss is None and _hot_call is not None and attn_mask is None and not _is_compiling():
+        out = _hot_call(query, key, value, variant, is_causal, enable_gqa, scale, dropout_p, bshd_out)
+        if out is not None and out is not Ellipsis:
+            return out
+        hot_miss = out is None
     # Fast path: a call shaped like an earlier one re-uses its validated variant, its default
     # scale and its dispatch-table key (all pure functions of these fields; variants are
     # immutable). Validation + key building cost ~8 us per call on the CPU; this lookup ~1 us.
@@ -82,6 +96,7 @@ def _attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False
             fk = (variant, query.shape, key.shape, value.shape, query.dtype, key.dtype, value.dtype, query.device,
                   key.device, value.device, is_causal, enable_gqa)
             memo = _validated.get(fk)
+            exact = memo is not None
             if memo is None and query.dim() == 4 and key.dim() == 4 and value.dim() == 4:
                 memo = _length_hit(fk, query, key, value)
             if memo is not None and type(dropout_p) is float and dropout_p == 0.0:  # on_miss: only on a miss
@@ -89,6 +104,8 @@ def _attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False
                 if run and (scale is None or (type(scale) is float and _NEG_INF < scale < _INF)):
                     out = run(query, key, value, memo.default_scale if scale is None else scale)
                     if out is not None:
+                        if hot_miss and exact:  # a repeat of this exact call: the C++ path takes the next
+                            _put_hot(query, key, value, variant, is_causal, enable_gqa, bshd_out, memo, run)
                         return out
     else:
         compiling = _is_compiling()
@@ -124,7 +141,33 @@ def _attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False
             memo.run_bshd = run
         else:
             memo.run = run
+        if run and _hot_call is None:
+            hotpath.ensure()  # a signature settled: build / load the C++ fast path (background, once)
     return out
+
+
+def _put_hot(query, key, value, variant, is_causal, enable_gqa, bshd_out, memo, run) -> None:
+    """Register a settled runner with the C++ fast path, under the key of this call's arguments
+    (the user's ``variant`` object and flags, as the Python memo's key has them)."""
+    native = getattr(run, "native", None)
+    if native is None:  # a fallback verdict: the C++ path calls the runner as it is
+        kind, fn, tensors, alloc, check_layout = 1, run, None, 0, False
+    else:
+        kind = 0
+        fn, tensors, alloc, check_layout = native
+    hotpath.put(query, key, value, variant, is_causal, enable_gqa, bshd_out, memo.default_scale, kind, fn,
+                tensors, alloc, check_layout)
+
+
+_hot_call = None  # the C++ fast path's call(), once hotpath has loaded it
+
+
+def _set_hot(mod) -> None:
+    global _hot_call
+    _hot_call = None if mod is None else mod.call
+
+
+hotpath.on_ready(_set_hot)
 
 
 class _Memo:
@@ -173,6 +216,7 @@ def _length_hit(fk: tuple, q, k, v) -> "_Memo | None":
 def _clear_memos() -> None:
     _validated.clear()
     _by_length.clear()
+    hotpath.clear()
 
 
 dispatch.on_reset(_clear_memos)  # the hot runners hold table entries that reset() forgets
