@@ -19,6 +19,7 @@ turns it off; a failed build is logged once at WARNING and the Python path stays
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 import importlib.machinery
 import importlib.util
@@ -100,22 +101,42 @@ def _compile(d: Path) -> Path:
     with _file_lock(d / ".build.lock", timeout=BUILD_TIMEOUT_S + 60):
         if lib.is_file():
             return lib  # another process built it while we waited
+        for stale in d.glob("*.so.tmp"):  # left by a process that exited mid-build (we hold the lock)
+            stale.unlink(missing_ok=True)
         cflags, ldflags = _flags()
         fd, tmp = tempfile.mkstemp(dir=d, suffix=".so.tmp")
         os.close(fd)
         cmd = [cxx, *cflags, str(source_path()), "-o", tmp, *ldflags]
         try:
-            p = subprocess.run(cmd, capture_output=True, text=True, timeout=BUILD_TIMEOUT_S)
-            if p.returncode != 0:
-                tail = "\n".join((p.stderr or p.stdout).strip().splitlines()[-15:])
-                raise RuntimeError(f"{Path(cxx).name} exited with {p.returncode}:\n{tail}")
+            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            _children.add(proc)
+            try:
+                out, _ = proc.communicate(timeout=BUILD_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.communicate()
+                raise RuntimeError(f"the build took over {BUILD_TIMEOUT_S:.0f} s") from None
+            finally:
+                _children.discard(proc)
+            if proc.returncode != 0:
+                tail = "\n".join((out or "").strip().splitlines()[-15:])
+                raise RuntimeError(f"{Path(cxx).name} exited with {proc.returncode}:\n{tail}")
             os.replace(tmp, lib)
-        except subprocess.TimeoutExpired:
-            raise RuntimeError(f"the build took over {BUILD_TIMEOUT_S:.0f} s") from None
         finally:
             if os.path.exists(tmp):
                 os.unlink(tmp)
     return lib
+
+
+_children: set[subprocess.Popen] = set()
+
+
+@atexit.register
+def _stop_builds() -> None:
+    """A process that exits while the background build runs does not leave the compiler behind."""
+    for proc in list(_children):
+        if proc.poll() is None:
+            proc.kill()
 
 
 def _load(lib: Path):
