@@ -4,6 +4,7 @@
 # one 10-minute device command; results land in $OUT (copy them into benchmarks/results/).
 #   step=tests   pytest -m gpu, every file (xdist by file, verifier alone),
 #                then benchmarks/launch_probe.py (launch host cost, 3 ways)  (~5-7 min)
+#   step=hotpath the C++ fast path's tests, no-op host measure, and dispatch overhead with real kernels
 #   step=bench   prewarm + the variant suite vs peers at one anchor shape    (~7 min at the default budget=20 s per signature;
 #                S2048 D64 at budget 30 did not fit one call in session 6; variants="a b" splits it).
 #                shape="A B C": several shapes in one run, one table; cache_tgz=FILE: start from a kernel
@@ -41,9 +42,22 @@ case "${step:-tests}" in
       --durations=15 --ignore=tests/test_verify_gpu.py 2>&1 | tee "$OUT/gpu_tests.log" | tail -30 || true
     timeout ${t_ser:-150} python3 -m pytest -q -m gpu -p no:cacheprovider --durations=5 tests/test_verify_gpu.py 2>&1 \
       | tee "$OUT/gpu_tests_verify.log" | tail -8 || true
-    # host cost of a launch: our wrapper vs Triton's JITFunction vs a bound CompiledKernel (~30 s)
-    for v in sliding_window softcap_causal; do timeout 60 python3 benchmarks/launch_probe.py --variant $v || true; done \
-      2>&1 | tail -4 ;;
+    # host cost of a launch: our wrapper vs Triton's JITFunction vs a bound CompiledKernel (~30 s; probe=0 skips)
+    [ "${probe:-1}" = 0 ] || for v in sliding_window softcap_causal; do timeout 60 python3 benchmarks/launch_probe.py \
+      --variant $v || true; done 2>&1 | tail -4 ;;
+  hotpath)
+    # the C++ cache-hit fast path: its tests (CPU tensors, plus the real-kernel GPU round trip), the
+    # no-op host measure both ways, and the bench's dispatch overhead with real kernels from a cache
+    # (cache_tgz=FILE of step=bench export=1 / step=prewarm; else the two searches run first)  (~4 min)
+    fresh_cache
+    [ -z "${cache_tgz:-}" ] || python3 -m torch_r1attn.cli cache import "$cache_tgz"
+    timeout ${t_hot:-150} python3 -m pytest -q -p no:cacheprovider tests/test_hotpath.py tests/test_dispatch.py \
+      tests/test_loader.py -k "hot" 2>&1 | tee "$OUT/hotpath_tests.log" | tail -4 || true
+    for v in sliding_window softcap_causal; do timeout 90 python3 benchmarks/dispatch_overhead.py --noop --variant $v \
+      || true; done 2>&1 | tail -2
+    R1ATTN_WORKERS=${workers:-4} timeout ${t_bench:-240} python3 benchmarks/bench_variants.py --shape ${shape:-B8_H32_S2048_D64} \
+      --variant sliding_window --variant softcap_causal --prewarm-gpus all --budget 20 --quick 2>&1 \
+      | tee "$OUT/hotpath_bench.log" | grep -E "^\|" | tail -4 || true ;;
   bench)
     fresh_cache
     [ -z "${cache_tgz:-}" ] || python3 -m torch_r1attn.cli cache import "$cache_tgz"
