@@ -27,6 +27,7 @@
 #include <Python.h>
 
 #include <ATen/ATen.h>
+#include <c10/core/GradMode.h>  // not included by ATen.h in every release (torch 2.11's is not)
 #include <torch/csrc/autograd/python_variable.h>
 
 #include <cmath>
@@ -147,7 +148,7 @@ PyObject* hot_call(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   const at::Tensor& q = THPVariable_Unpack(args[0]);
   const at::Tensor& k = THPVariable_Unpack(args[1]);
   const at::Tensor& v = THPVariable_Unpack(args[2]);
-  if (at::GradMode::is_enabled() && (q.requires_grad() || k.requires_grad() || v.requires_grad())) {
+  if (c10::GradMode::is_enabled() && (q.requires_grad() || k.requires_grad() || v.requires_grad())) {
     return declined();
   }
   Entry e = it->second;  // copy, then hold its objects: the table may change during the call
