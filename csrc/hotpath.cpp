@@ -115,6 +115,15 @@ void clear_table() {
   }
 }
 
+// the key of call()'s / put()'s arguments: tensors at 0-2, the variant at 3, is_causal and
+// enable_gqa at 4-5, bshd_out at ``bshd_at``; false when the fast path cannot key them
+bool make_key(Key& key, PyObject* const* args, int bshd_at) {
+  key.variant = args[3];
+  key.flags = 0;
+  return flag(args[4], 0, key.flags) && flag(args[5], 1, key.flags) && flag(args[bshd_at], 2, key.flags) &&
+         fill(key, args);
+}
+
 PyObject* declined() {
   Py_INCREF(Py_Ellipsis);
   return Py_Ellipsis;
@@ -126,12 +135,7 @@ PyObject* hot_call(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
     return nullptr;
   }
   Key key;
-  key.variant = args[3];
-  key.flags = 0;
-  if (!flag(args[4], 0, key.flags) || !flag(args[5], 1, key.flags) || !flag(args[8], 2, key.flags) ||
-      !fill(key, args)) {
-    return declined();
-  }
+  if (!make_key(key, args, 8)) return declined();
   auto it = g_table.find(key);
   if (it == g_table.end()) Py_RETURN_NONE;
 
@@ -211,12 +215,7 @@ PyObject* hot_put(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
     return nullptr;
   }
   Key key;
-  key.variant = args[3];
-  key.flags = 0;
-  if (!flag(args[4], 0, key.flags) || !flag(args[5], 1, key.flags) || !flag(args[6], 2, key.flags) ||
-      !fill(key, args)) {
-    Py_RETURN_FALSE;  // not a key the fast path can compute: nothing registered
-  }
+  if (!make_key(key, args, 6)) Py_RETURN_FALSE;  // not a key the fast path can compute: nothing registered
   Entry e;
   e.default_scale = PyFloat_AsDouble(args[7]);
   e.kind = static_cast<int>(PyLong_AsLong(args[8]));

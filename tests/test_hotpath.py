@@ -44,6 +44,23 @@ def table():
 
 
 @pytest.fixture
+def settled(table):
+    """``make(kern)``: a causal signature on (1, 2, 17, 16) CPU tensors whose entry runs ``kern``
+    (None: an SDPA fallback verdict), called three times, so it is settled and registered with the
+    C++ path; returns (variant, q, k, v)."""
+
+    def make(kern):
+        var = V.causal()
+        q, k, v = (torch.randn(1, 2, 17, 16) for _ in range(3))
+        table(q, k, v, var, kern)
+        for _ in range(3):
+            r1.attention(q, k, v, variant=var)
+        return var, q, k, v
+
+    return make
+
+
+@pytest.fixture
 def python_calls(monkeypatch):
     """Calls that reached the Python front end's slow part (``_attention``)."""
     seen = []
@@ -71,12 +88,8 @@ def test_repeat_calls_skip_python_and_match_it(cpp_hot, table, python_calls):
     assert len(python_calls) == 2
 
 
-def test_other_shapes_dtypes_flags_and_variants_are_other_keys(cpp_hot, table, python_calls):
-    var = V.causal()
-    q, k, v = (torch.randn(1, 2, 17, 16) for _ in range(3))
-    table(q, k, v, var, _Kernel())
-    for _ in range(3):
-        r1.attention(q, k, v, variant=var)
+def test_other_shapes_dtypes_flags_and_variants_are_other_keys(cpp_hot, settled, python_calls):
+    var, q, k, v = settled(_Kernel())
     n = len(python_calls)
     r1.attention(q[:, :, :16], k, v, variant=var)  # another Sq (same bucket): not this entry
     r1.attention(q, k, v, variant=V.causal())  # an equal variant, another object: the Python memo's rule too
@@ -85,12 +98,8 @@ def test_other_shapes_dtypes_flags_and_variants_are_other_keys(cpp_hot, table, p
     assert len(python_calls) == n + 4 and cpp_hot.size() == 1
 
 
-def test_calls_it_declines_go_through_python(cpp_hot, table, python_calls):
-    var = V.causal()
-    q, k, v = (torch.randn(1, 2, 17, 16) for _ in range(3))
-    table(q, k, v, var, _Kernel())
-    for _ in range(3):
-        r1.attention(q, k, v, variant=var)
+def test_calls_it_declines_go_through_python(cpp_hot, settled, python_calls):
+    var, q, k, v = settled(_Kernel())
     n = len(python_calls)
     r1.attention(q.clone().requires_grad_(), k, v, variant=var)  # grad: a differentiable fallback
     r1.attention(q, k, v, variant=var, scale=1)  # an int scale
@@ -103,9 +112,7 @@ def test_calls_it_declines_go_through_python(cpp_hot, table, python_calls):
     assert cpp_hot.size() == 1  # declined calls register nothing
 
 
-def test_layout_check_of_kernels_not_verified_on_strided_layouts(cpp_hot, table):
-    var = V.causal()
-    q, k, v = (torch.randn(1, 2, 17, 16) for _ in range(3))
+def test_layout_check_of_kernels_not_verified_on_strided_layouts(cpp_hot, settled):
     seen = []
 
     class _Layout(_Kernel):
@@ -113,9 +120,7 @@ def test_layout_check_of_kernels_not_verified_on_strided_layouts(cpp_hot, table)
             seen.append(q.is_contiguous())
             super().fn(q, k, v, out, scale, **t)
 
-    table(q, k, v, var, _Layout())
-    for _ in range(3):
-        r1.attention(q, k, v, variant=var)
+    var, q, k, v = settled(_Layout())
     qt = torch.randn(1, 17, 2, 16).transpose(1, 2)  # same shape, dtype and device: same key
     out = r1.attention(qt, k, v, variant=var)
     assert seen == [True] * 4  # the strided call got forward's contiguous copy
@@ -137,12 +142,8 @@ def test_output_allocation_modes(cpp_hot, table, dv, bshd):
     assert o.stride() == outs[0].stride()
 
 
-def test_fallback_verdicts_run_their_runner(cpp_hot, table, python_calls):
-    var = V.causal()
-    q, k, v = (torch.randn(1, 2, 17, 16) for _ in range(3))
-    table(q, k, v, var, None)  # a fallback verdict: sdpa
-    for _ in range(3):
-        r1.attention(q, k, v, variant=var)
+def test_fallback_verdicts_run_their_runner(cpp_hot, settled, python_calls):
+    var, q, k, v = settled(None)  # a fallback verdict: sdpa
     n = len(python_calls)
     out = r1.attention(q, k, v, variant=var, scale=0.3)
     assert len(python_calls) == n
@@ -150,13 +151,9 @@ def test_fallback_verdicts_run_their_runner(cpp_hot, table, python_calls):
                                                                                      scale=0.3))
 
 
-def test_kernel_errors_propagate_and_nothing_is_lost(cpp_hot, table):
-    var = V.causal()
-    q, k, v = (torch.randn(1, 2, 17, 16) for _ in range(3))
+def test_kernel_errors_propagate_and_nothing_is_lost(cpp_hot, settled):
     kern = _Kernel()
-    table(q, k, v, var, kern)
-    for _ in range(3):
-        r1.attention(q, k, v, variant=var)
+    var, q, k, v = settled(kern)
     kern.fail = True
     with pytest.raises(RuntimeError, match="too many resources"):
         r1.attention(q, k, v, variant=var)
@@ -164,20 +161,16 @@ def test_kernel_errors_propagate_and_nothing_is_lost(cpp_hot, table):
     assert r1.attention(q, k, v, variant=var).shape == q.shape and cpp_hot.size() == 1
 
 
-def test_reset_and_a_clear_during_a_call(cpp_hot, table, python_calls):
+def test_reset_and_a_clear_during_a_call(cpp_hot, settled):
     """dispatch.reset() empties the C++ table; a clear() while a kernel runs (another thread, or
     the kernel itself) does not free what the running call holds."""
-    var = V.causal()
-    q, k, v = (torch.randn(1, 2, 17, 16) for _ in range(3))
 
     class _Clears(_Kernel):
         def fn(self, *a, **kw):
             cpp_hot.clear()
             super().fn(*a, **kw)
 
-    table(q, k, v, var, _Clears())
-    for _ in range(3):
-        r1.attention(q, k, v, variant=var)
+    var, q, k, v = settled(_Clears())
     assert cpp_hot.size() == 0  # the third call ran from the table and emptied it
     torch.testing.assert_close(r1.attention(q, k, v, variant=var),
                                torch.nn.functional.scaled_dot_product_attention(q, k, v))
@@ -185,10 +178,8 @@ def test_reset_and_a_clear_during_a_call(cpp_hot, table, python_calls):
     assert cpp_hot.size() == 0
 
 
-def test_threads_share_the_table(cpp_hot, table):
-    var = V.causal()
-    q, k, v = (torch.randn(1, 2, 17, 16) for _ in range(3))
-    table(q, k, v, var, _Kernel())
+def test_threads_share_the_table(cpp_hot, settled):
+    var, q, k, v = settled(_Kernel())
     ref = torch.nn.functional.scaled_dot_product_attention(q, k, v)
     errors = []
 
