@@ -244,3 +244,22 @@ def test_off_setting_builds_nothing(monkeypatch):
     with pytest.raises(ValueError, match="R1ATTN_HOTPATH"):
         config.settings()
     config.set_settings(None)
+
+
+def test_a_library_others_could_write_is_not_loaded(monkeypatch, tmp_path):
+    """The kernel cache's rule for the built library: ours, not group/other-writable, no links."""
+    lib = hotpath._library(hotpath.build_dir(tmp_path))
+    lib.parent.mkdir(parents=True, mode=0o700)
+    lib.write_bytes(b"not a library")
+    lib.chmod(0o664)
+    with pytest.raises(RuntimeError, match="writable by group/others"):
+        hotpath._load(lib)
+    lib.chmod(0o600)
+    link = lib.parent / "link.so"
+    link.symlink_to(lib)
+    with pytest.raises(RuntimeError, match="not a regular file"):
+        hotpath._load(link)
+    lib.parent.chmod(0o777)
+    with pytest.raises(RuntimeError, match="writable by group/others"):
+        hotpath._load(lib)
+    lib.parent.chmod(0o700)

@@ -96,7 +96,9 @@ def _compile(d: Path) -> Path:
     cxx = find_cxx()
     if cxx is None:
         raise RuntimeError("no C++ compiler (set CXX, or install g++)")
-    d.mkdir(parents=True, exist_ok=True, mode=0o700)
+    d.parent.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    for p in (d.parent, d):  # private whatever the umask (the load checks it)
+        p.mkdir(exist_ok=True, mode=0o700)
     lib = _library(d)
     with _file_lock(d / ".build.lock", timeout=BUILD_TIMEOUT_S + 60):
         if lib.is_file():
@@ -123,6 +125,7 @@ def _compile(d: Path) -> Path:
             if proc.returncode != 0:
                 tail = "\n".join((out or "").strip().splitlines()[-15:])
                 raise RuntimeError(f"{Path(cxx).name} exited with {proc.returncode}:\n{tail}")
+            os.chmod(tmp, 0o700)  # the linker picks the mode from the umask; the load checks it
             os.replace(tmp, lib)
         finally:
             if os.path.exists(tmp):
@@ -141,7 +144,26 @@ def _stop_builds() -> None:
             proc.kill()
 
 
+def _check_private(lib: Path) -> None:
+    """Refuse to load a library that someone else could have written (the kernel cache's rule):
+    the file, its directory and the ``hotpath`` directory must be ours and not group/other-writable,
+    and the file a regular file, not a link."""
+    import stat
+
+    from .cache import _private_problem
+
+    st = os.lstat(lib)
+    if not stat.S_ISREG(st.st_mode):
+        raise RuntimeError(f"{lib} is not a regular file")
+    for what, path, s in ((str(lib), lib, st), (str(lib.parent), lib.parent, None),
+                          (str(lib.parent.parent), lib.parent.parent, None)):
+        problem = _private_problem(s or os.stat(path), what)
+        if problem:
+            raise RuntimeError(f"refusing to load the fast path: {problem}")
+
+
 def _load(lib: Path):
+    _check_private(lib)
     loader = importlib.machinery.ExtensionFileLoader(MODULE_NAME, str(lib))
     spec = importlib.util.spec_from_file_location(MODULE_NAME, str(lib), loader=loader)
     mod = importlib.util.module_from_spec(spec)
