@@ -61,6 +61,25 @@ def test_doctor_text(capsys, cache_dir):
     assert f"cache: {cache_dir}" in out and "[ok] cache" in out
     assert "R1ATTN_LLM_BASE_URL not set" in out
     assert "soft-cap" in out and "eager" in out  # CPU: SDPA cannot express soft-capping
+    assert "[--] C++ fast path: off" in out  # the tests' default (conftest)
+
+
+def test_doctor_reports_the_fast_path(capsys, cache_dir, monkeypatch, tmp_path):
+    from torch_r1attn import config, hotpath
+
+    monkeypatch.setenv("R1ATTN_HOTPATH", "auto")
+    config.set_settings(None)
+    assert cli.main(["doctor"]) == 0
+    assert "C++ fast path: not built yet" in capsys.readouterr().out
+    lib = hotpath._library(hotpath.build_dir(cache_dir))
+    lib.parent.mkdir(parents=True)
+    lib.write_bytes(b"")
+    assert cli.main(["doctor"]) == 0
+    assert f"[ok] C++ fast path: built ({lib})" in capsys.readouterr().out
+    monkeypatch.setattr(hotpath, "find_cxx", lambda: None)
+    lib.unlink()
+    assert cli.main(["doctor"]) == 0
+    assert "[!!] C++ fast path: no C++ compiler" in capsys.readouterr().out
 
 
 def test_doctor_flags_group_writable_cache(capsys, cache_dir):

@@ -257,7 +257,13 @@ def doctor_report() -> dict[str, Any]:
     rep["cache"] = _cache_check(s)
     from . import hotpath
 
-    rep["hotpath"] = {"setting": s.hotpath, **hotpath.status()}
+    try:
+        lib = hotpath._library(hotpath.build_dir(s.cache_dir))
+        built = str(lib) if lib.is_file() else None
+    except Exception as e:  # noqa: BLE001 - doctor reports every failure instead of dying on it
+        built = None
+        rep["hotpath_error"] = f"{type(e).__name__}: {e}"
+    rep["hotpath"] = {"setting": s.hotpath, "built": built, **hotpath.status()}
     rep["llm"] = _llm_check(s)
     dev = torch.device("cuda" if gpus else "cpu")
     common = {"full": V.full(), "causal": V.causal(), "decode (causal@br)": V.causal(align="bottom_right"),
@@ -365,6 +371,16 @@ def cmd_doctor(args) -> int:
               f": {llm['detail']}")
     else:
         print(f"[--] llm: {llm['detail']}")
+    h = rep["hotpath"]
+    if h["setting"] == "off":
+        print("[--] C++ fast path: off (R1ATTN_HOTPATH=off); repeat calls take the Python path")
+    elif h["built"]:
+        print(f"[ok] C++ fast path: built ({h['built']})")
+    elif h["compiler"]:
+        print(f"[--] C++ fast path: not built yet; builds once with {h['compiler']} (in the background when a "
+              "signature first settles, or during r1attn prewarm)")
+    else:
+        print("[!!] C++ fast path: no C++ compiler (set CXX or install g++); repeat calls take the Python path")
     print("fallback per variant (until a kernel is cached, or when none wins):")
     for name, f in rep["fallbacks"].items():
         print(f"  {name:<20} {f['path']:<6} {f['reason']}")
