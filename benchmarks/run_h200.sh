@@ -11,7 +11,8 @@
 #                cache that step=prewarm filled (then no search runs: ~2-3 min per shape)
 #   step=prewarm only the searches of every shape in shapes="A B C" (default: the three anchors), on all
 #                GPUs, the kernel cache tarred into $OUT/kernel_cache.tgz for a later step=bench cache_tgz=
-#                (x2: ~6-8 min at budget=20)
+#                (x2: ~6-8 min at budget=20; one GPU, session 9: ~235-330 s per shape, export ~2.3 MB per
+#                shape; cache_tgz=FILE continues from an earlier call's export)
 #   step=e2e     prewarm a Llama- and a Gemma-2-shaped model, then a fresh
 #                process with zero misses and its forward time vs sdpa       (~5 min)
 #   step=multi   all-GPU vs single-GPU prewarm of the same 8 Llama signatures (nvidia-h200-x2, ~8 min)
@@ -74,6 +75,9 @@ case "${step:-tests}" in
       prewarm_done 2>/dev/null)) || true ;;
   prewarm)
     fresh_cache
+    # cache_tgz=FILE: continue a prewarm another call started (its searched entries are hits here,
+    # so one GPU can fill the three shapes' cache over several calls; the export holds them all)
+    [ -z "${cache_tgz:-}" ] || python3 -m torch_r1attn.cli cache import "$cache_tgz"
     R1ATTN_WORKERS=${workers:-4} R1ATTN_SAMPLES=8 R1ATTN_ROUNDS=2 timeout ${t_prewarm:-540} \
       python3 benchmarks/bench_variants.py --prewarm-only --prewarm-gpus "${gpus:-all}" --budget ${budget:-20} \
       $(for sh in ${shapes:-B4_H32_S4096_D128 B8_H32_S2048_D64 B1_H32_S16384_D128}; do echo --shape $sh; done) \
