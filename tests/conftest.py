@@ -61,11 +61,9 @@ def seed():
 @pytest.fixture(scope="session")
 def _hot_module(tmp_path_factory):
     """The C++ fast path, built once per test session (~20-30 s) into a session directory."""
-    import shutil
-
     from torch_r1attn import functional, hotpath
 
-    if hotpath.find_cxx() is None or shutil.which("c++") is None and shutil.which("g++") is None:
+    if hotpath.find_cxx() is None:
         pytest.skip("no C++ compiler: the C++ fast path cannot be built here")
     ok = hotpath.ensure(block=True, force=True, root=tmp_path_factory.mktemp("hotpath"))
     assert ok, hotpath.status()  # a compiler is here: the build must work
