@@ -170,11 +170,13 @@ def default_config(problem: Problem) -> dict[str, Any]:
     if kind == "relbias":
         # H200 session 8 searches (results/*session8*): S4096 D128 M64 N64 w4 s2 tma: rel_asm=2
         # 1.590 ms, aligned copies through tl.load 1.894, the scalar gather 2.054; S2048 D64 s4:
-        # the gather (with tma) 0.749, rel_asm=2 0.838, tl.load copies 0.856
+        # the gather (with tma) 0.749, rel_asm=2 0.838, tl.load copies 0.856. Session 9, with tma:
+        # rel_asm=1 (one scalar ld.global.nc per element) won at S4096 (1.518 vs 1.580 for pairs)
+        # and S16384 (5.359 vs 5.642): the pair form's address checks cost more than they save
         if d <= 64:
             cfg["rel_vec"] = False
         else:
-            cfg["rel_asm"] = 2
+            cfg["rel_asm"] = 1
     return cfg
 
 
@@ -919,10 +921,11 @@ def _spread_d128(variant: V.Variant) -> list[dict[str, Any]]:
         return [{}, {"num_stages": 2}, {"BLOCK_N": 64, "num_stages": 2}, {"BLOCK_N": 64},
                 {"BLOCK_N": 64, "branch_mask": True}, {"tma": True}, m128, {"fold_scale": True}] + late
     if kind == "relbias":  # default M64 N64 w4 s2 fold (unfolded: 3x slower, left to later rounds)
-        # default rel_asm=2; session 8 (S4096): with tma 1.590 ms, the winner; the scalar gather
-        # with tma (sessions 3-7's winner) 2.054, the copies through tl.load 1.894
-        return [{"tma": True}, {}, {"tma": True, "rel_vec": False}, {"tma": True, "rel_asm": 0},
-                {"tma": True, "rel_asm": 1}, {"BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 8},
+        # default rel_asm=1; session 9 (S4096 / S16384, with tma): 1.518 / 5.359 ms, the winner
+        # both times, pairs (rel_asm=2) 1.580 / 5.642, the copies through tl.load 1.892 / 6.551,
+        # no tma 2.093 / 7.692; session 8: the scalar gather with tma 2.054
+        return [{"tma": True}, {"tma": True, "rel_asm": 2}, {}, {"tma": True, "rel_vec": False},
+                {"tma": True, "rel_asm": 0}, {"BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 8},
                 {**m128, "tma": True}, {"num_stages": 1}, m128, {"BLOCK_N": 32}, {"BLOCK_N": 128}] + late
     return [{}, {"tma": True}, {"BLOCK_N": 32}, {"fold_scale": True}, {"num_stages": 2}, m128,
             {"BLOCK_N": 32, "num_stages": 4}, {"tma": True, "BLOCK_N": 32}] + late
