@@ -6,7 +6,8 @@ directly, on a host-bound call (one batch, few heads, short lengths in a cached 
 Needs the signature's kernel in the cache (``r1attn prewarm`` first); prints and writes
 ``$OUT/dispatch_overhead_<variant>.json``. The same measurement runs inside bench_variants.py.
 
-``--noop`` measures the host's Python path alone, without a GPU: CPU tensors, and the table entry's
+``--noop --decode`` times decode steps (a new Sk every call) through the Python path and the C++
+fast path. ``--noop`` measures the host's Python path alone, without a GPU: CPU tensors, and the table entry's
 kernel replaced by one that does nothing, so ``r1 - direct`` is the front end + dispatch + output
 allocation on this host (run it on the GPU machine to see how fast its host runs our code).
 """
@@ -38,6 +39,8 @@ def main() -> int:
     ap.add_argument("--s", type=int, default=129)
     ap.add_argument("--d", type=int, default=128)
     ap.add_argument("--noop", action="store_true", help="host path only: CPU tensors, a kernel that does nothing")
+    ap.add_argument("--decode", action="store_true",
+                    help="with --noop: decode steps (Sq=1, Sk +1 per call inside one bucket), Python path vs C++")
     args = ap.parse_args()
     os.environ["R1ATTN_ON_MISS"] = "off"
     if args.noop:
@@ -45,7 +48,7 @@ def main() -> int:
     import torch
 
     if args.noop:
-        return _noop(args)
+        return _noop_decode(args) if args.decode else _noop(args)
 
     if not torch.cuda.is_available():
         print("dispatch_overhead needs a CUDA GPU", file=sys.stderr)
@@ -109,6 +112,64 @@ def _noop(args) -> int:
     out_dir = Path(os.environ.get("OUT") or "benchmarks/results")
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / f"dispatch_overhead_noop_{args.variant}.json").write_text(json.dumps(res, indent=1))
+    print(json.dumps(res))
+    return 0
+
+
+def _noop_decode(args) -> int:
+    """Host µs per decode step with a settled no-op kernel: each call a new Sk (views of one cache,
+    Sk from S/2+1 to S, one length bucket), the Python path (its length memo) against the C++
+    fast path (bucketed entry), five interleaved runs of 1000 steps each."""
+    import statistics
+    import time
+
+    import torch
+
+    import torch_r1attn as r1
+    from torch_r1attn import config, dispatch, functional, hotpath, variants as V
+    from torch_r1attn.spec import AttentionSpec
+
+    config.set_settings(None)
+    dispatch.reset()
+    if not hotpath.ensure(block=True, force=True):
+        print(json.dumps({"error": "the C++ fast path did not build", **hotpath.status()}))
+        return 1
+    mod = hotpath._module
+
+    class _Noop:
+        def fn(self, q, k, v, out, scale, **tensors):
+            return None
+
+        def unsupported(self, q, k, v):
+            return None
+
+    var = V.causal(align="bottom_right") if args.variant == "causal" else VARIANTS[args.variant](V)
+    half = args.s // 2
+    q = torch.randn(args.b, args.hq, 1, args.d)
+    kc, vc = (torch.randn(args.b, args.hkv, args.s, args.d) for _ in range(2))
+    steps = [(kc[:, :, :n], vc[:, :, :n]) for n in range(half + 1, args.s + 1)]
+    dispatch._table[dispatch.table_key(q, *steps[0], var)] = dispatch.Resolved(
+        spec=AttentionSpec.from_call(q, *steps[0], var.key), path="eager", reason="noop", kernel=_Noop(),
+        unsupported=None, source="cache-kernel", strided_out=True)
+    gqa = args.hq != args.hkv
+    n = min(1000, len(steps))
+    runs: dict[str, list[float]] = {}
+    for path in ("python", "cpp") * 5:
+        functional._set_hot(mod if path == "cpp" else None)
+        mod.clear()
+        for k, v in steps[:3]:  # settle the runner; register with the C++ path
+            r1.attention(q, k, v, enable_gqa=gqa, variant=var)
+        t = time.perf_counter()
+        for k, v in steps[:n]:
+            r1.attention(q, k, v, enable_gqa=gqa, variant=var)
+        runs.setdefault(path, []).append((time.perf_counter() - t) / n * 1e6)
+    functional._set_hot(mod)
+    res = {"variant": args.variant, "mode": "noop decode steps (host path only)", "steps": n,
+           "shape": [args.b, args.hq, args.hkv, args.s, args.d],
+           **{f"{p}_us_per_step": round(statistics.median(v), 3) for p, v in runs.items()}}
+    out_dir = Path(os.environ.get("OUT") or "benchmarks/results")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / f"dispatch_overhead_noop_decode_{args.variant}.json").write_text(json.dumps(res, indent=1))
     print(json.dumps(res))
     return 0
 

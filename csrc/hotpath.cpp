@@ -13,10 +13,15 @@
 //     -> Ellipsis     an entry, but this call needs the Python path (grad, layout, an unusual
 //                      scale / dropout / flag value): run it, do not register
 //   put(q, k, v, variant, is_causal, enable_gqa, bshd_out, default_scale, kind, fn, tensors,
-//       alloc, check_layout)
+//       alloc, check_layout, bucketed)
 //       kind 0: a loaded kernel; alloc 0 = empty_like(q) contiguous, 1 = (B, H, Sq, Dv),
 //               2 = (B, Sq, H, Dv) viewed as (B, H, Sq, Dv)
 //       kind 1: a Python runner fn(q, k, v, scale) -> out or None (fallback verdicts)
+//       bucketed: key the entry by the length *buckets* of Sq and Sk (the dispatch table's key)
+//                 instead of the exact lengths, for variants whose checks ignore the lengths:
+//                 a decode loop, whose Sk grows by one per step, stays on one entry. call() looks
+//                 for the exact key first, then the bucketed one (which also needs Sk == Sv >= 1
+//                 and Sq >= 1, the checks the Python path's length memo makes).
 //   clear(), size()
 //
 // Every field the Python memo key holds is in the key here, and variants are compared by
@@ -42,7 +47,7 @@ constexpr int kTensorFields = 7;  // 4 sizes, dtype, device type, device index
 struct Key {
   PyObject* variant;  // borrowed for lookups; the table's copy holds a reference
   int64_t f[3 * kTensorFields];
-  uint8_t flags;  // is_causal | enable_gqa << 1 | bshd_out << 2
+  uint8_t flags;  // is_causal | enable_gqa << 1 | bshd_out << 2 | bucketed << 3
 
   bool operator==(const Key& o) const {
     return variant == o.variant && flags == o.flags && std::memcmp(f, o.f, sizeof(f)) == 0;
@@ -124,6 +129,19 @@ bool make_key(Key& key, PyObject* const* args, int bshd_at) {
          fill(key, args);
 }
 
+// smallest power of two >= n (spec.length_bucket); n >= 1
+int64_t bucket(int64_t n) {
+  int64_t b = 1;
+  while (b < n) b <<= 1;
+  return b;
+}
+
+// the bucketed form of a filled key: Sq, Sk, Sv (fields 2, 9, 16) by their buckets
+void to_buckets(Key& key) {
+  for (int i = 0; i < 3; ++i) key.f[i * kTensorFields + 2] = bucket(key.f[i * kTensorFields + 2]);
+  key.flags |= 1u << 3;
+}
+
 PyObject* declined() {
   Py_INCREF(Py_Ellipsis);
   return Py_Ellipsis;
@@ -137,7 +155,13 @@ PyObject* hot_call(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   Key key;
   if (!make_key(key, args, 8)) return declined();
   auto it = g_table.find(key);
-  if (it == g_table.end()) Py_RETURN_NONE;
+  if (it == g_table.end()) {
+    const int64_t sq = key.f[2], sk = key.f[kTensorFields + 2], sv = key.f[2 * kTensorFields + 2];
+    if (sq < 1 || sk < 1 || sv != sk) return declined();  // the Python path says what is wrong
+    to_buckets(key);
+    it = g_table.find(key);
+    if (it == g_table.end()) Py_RETURN_NONE;
+  }
 
   PyObject* dropout = args[7];
   if (!(PyFloat_CheckExact(dropout) && PyFloat_AS_DOUBLE(dropout) == 0.0)) return declined();
@@ -208,14 +232,22 @@ done:
 }
 
 PyObject* hot_put(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
-  if (nargs != 13) {
+  if (nargs != 14) {
     PyErr_SetString(PyExc_TypeError,
                     "put(q, k, v, variant, is_causal, enable_gqa, bshd_out, default_scale, kind, fn, tensors, "
-                    "alloc, check_layout)");
+                    "alloc, check_layout, bucketed)");
     return nullptr;
   }
   Key key;
   if (!make_key(key, args, 6)) Py_RETURN_FALSE;  // not a key the fast path can compute: nothing registered
+  const int bucketed = PyObject_IsTrue(args[13]);
+  if (bucketed < 0) return nullptr;
+  if (bucketed) {
+    if (key.f[2] < 1 || key.f[kTensorFields + 2] < 1 || key.f[2 * kTensorFields + 2] != key.f[kTensorFields + 2]) {
+      Py_RETURN_FALSE;
+    }
+    to_buckets(key);
+  }
   Entry e;
   e.default_scale = PyFloat_AsDouble(args[7]);
   e.kind = static_cast<int>(PyLong_AsLong(args[8]));

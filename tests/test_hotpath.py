@@ -204,14 +204,16 @@ def test_put_rejects_bad_entries(cpp_hot):
     q = torch.randn(1, 1, 4, 8)
     args = (q, q, q, None, False, False, False, 0.5)
     with pytest.raises(ValueError, match="kind"):
-        cpp_hot.put(*args, 3, print, None, 0, False)
+        cpp_hot.put(*args, 3, print, None, 0, False, False)
     with pytest.raises(ValueError, match="callable"):
-        cpp_hot.put(*args, 0, None, None, 0, False)
+        cpp_hot.put(*args, 0, None, None, 0, False, False)
     with pytest.raises(TypeError, match="dict"):
-        cpp_hot.put(*args, 0, print, [1], 0, False)
+        cpp_hot.put(*args, 0, print, [1], 0, False, False)
     with pytest.raises(TypeError):
         cpp_hot.put(q, q)
-    assert cpp_hot.put(q[0], q, q, None, False, False, False, 0.5, 0, print, None, 0, False) is False  # 3-D
+    assert cpp_hot.put(q[0], q, q, None, False, False, False, 0.5, 0, print, None, 0, False, False) is False  # 3-D
+    assert cpp_hot.put(q, q, q[:, :, :3], None, False, False, False, 0.5, 0, print, None, 0, False, True) is False
+    # bucketed needs Sk == Sv
     assert cpp_hot.size() == 0
 
 
@@ -263,3 +265,59 @@ def test_a_library_others_could_write_is_not_loaded(monkeypatch, tmp_path):
     with pytest.raises(RuntimeError, match="writable by group/others"):
         hotpath._load(lib)
     lib.parent.chmod(0o700)
+
+
+def test_decode_steps_stay_on_one_bucketed_entry(cpp_hot, table, python_calls):
+    """A decode loop (Sk grows by one per step) keeps hitting the C++ path inside a length bucket
+    when the variant's checks ignore the lengths; the next bucket is a new entry."""
+    var = V.causal(align="bottom_right") + V.softcap(20.0)
+    q = torch.randn(2, 4, 1, 16)
+    k0, v0 = torch.randn(2, 2, 40, 16), torch.randn(2, 2, 40, 16)
+    kern = _Kernel()
+    table(q, k0[:, :, :33], v0[:, :, :33], var, kern)  # bucket 64 covers Sk 33..64
+    for sk in (33, 34):  # settle the runner, then register (bucketed)
+        r1.attention(q, k0[:, :, :sk].contiguous(), v0[:, :, :sk].contiguous(), enable_gqa=True, variant=var)
+    assert cpp_hot.size() == 1
+    n = len(python_calls)
+    for sk in range(35, 41):
+        k, v = k0[:, :, :sk].contiguous(), v0[:, :, :sk].contiguous()
+        out = r1.attention(q, k, v, enable_gqa=True, variant=var)
+        torch.testing.assert_close(out, torch.nn.functional.scaled_dot_product_attention(q, k, v, enable_gqa=True))
+    assert len(python_calls) == n and kern.calls == 8  # six steps, none through Python
+    k, v = torch.randn(2, 2, 65, 16), torch.randn(2, 2, 65, 16)  # the next bucket: not this entry
+    r1.attention(q, k, v, enable_gqa=True, variant=var)
+    assert len(python_calls) == n + 1
+    with pytest.raises(ValueError, match="length"):  # Sk != Sv: declined, the Python path says what is wrong
+        r1.attention(q, k[:, :, :40].contiguous(), v[:, :, :39].contiguous(), enable_gqa=True, variant=var)
+
+
+def test_variants_whose_checks_read_the_lengths_keep_exact_keys(cpp_hot, table, python_calls):
+    """Documents validate doc_ids against Sq and Sk on every new length: never bucketed."""
+    var = V.causal() + V.document(torch.zeros(40, dtype=torch.int32))
+    q, k, v = (torch.randn(1, 2, 33, 16) for _ in range(3))
+    table(q, k, v, var, _Kernel())
+    for _ in range(3):
+        r1.attention(q, k, v, variant=var)
+    assert cpp_hot.size() == 1
+    n = len(python_calls)
+    q2, k2, v2 = (torch.randn(1, 2, 41, 16) for _ in range(3))  # same bucket, doc_ids too short
+    with pytest.raises(ValueError, match="doc_ids has length 40"):
+        r1.attention(q2, k2, v2, variant=var)
+    assert len(python_calls) == n + 1
+
+
+def _all_parts(cls=V.Part):
+    for sub in cls.__subclasses__():
+        yield sub
+        yield from _all_parts(sub)
+
+
+def test_every_part_that_checks_lengths_says_so():
+    """``length_free`` lets the C++ path skip a part's validate_call for new lengths in a bucket:
+    a part overriding validate_call must declare it in its own body, and the ones that read Sq /
+    Sk must say False."""
+    for cls in _all_parts():
+        if "validate_call" in cls.__dict__:
+            assert "length_free" in cls.__dict__, cls.__name__
+    assert not V.Document.length_free and not V.DenseMask.length_free and not V.DenseBias.length_free
+    assert V.Alibi.length_free and V.RelativeBias.length_free and V.Causal.length_free

@@ -104,7 +104,9 @@ def _attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False
                 if run and (scale is None or (type(scale) is float and _NEG_INF < scale < _INF)):
                     out = run(query, key, value, memo.default_scale if scale is None else scale)
                     if out is not None:
-                        if hot_miss and exact:  # a repeat of this exact call: the C++ path takes the next
+                        if hot_miss and (exact or memo.variant.length_free):
+                            # a repeat: the C++ path takes the next one (by length bucket when the
+                            # variant's checks ignore the lengths, as in a decode loop)
                             _put_hot(query, key, value, variant, is_causal, enable_gqa, bshd_out, memo, run)
                         return out
     else:
@@ -156,7 +158,7 @@ def _put_hot(query, key, value, variant, is_causal, enable_gqa, bshd_out, memo, 
         kind = 0
         fn, tensors, alloc, check_layout = native
     hotpath.put(query, key, value, variant, is_causal, enable_gqa, bshd_out, memo.default_scale, kind, fn,
-                tensors, alloc, check_layout)
+                tensors, alloc, check_layout, memo.variant.length_free)
 
 
 _hot_call = None  # the C++ fast path's call(), once hotpath has loaded it

@@ -84,6 +84,10 @@ class Part:
 
     kind: str = "mask"  # "mask" | "score"
     positional: bool = False  # depends on q_pos (so on the alignment)
+    # validate_call does not look at Sq / Sk: a call of other lengths in the same buckets needs no
+    # new check (the C++ fast path then keys it by length bucket, as decoding needs). A part whose
+    # validate_call reads the lengths sets this False (tests/test_hotpath.py checks every part).
+    length_free: bool = True
 
     @property
     def key(self) -> str:  # pragma: no cover - abstract
@@ -211,6 +215,7 @@ class Document(Part):
 
     doc_ids: torch.Tensor
     positional = True
+    length_free = False  # doc_ids must cover Sk and Sq + offset
 
     def __post_init__(self):
         t = self.doc_ids
@@ -334,6 +339,7 @@ class DenseMask(Part):
     """SDPA's boolean ``attn_mask`` (True = attend), any shape broadcastable to (B, H, Sq, Sk)."""
 
     mask_tensor: torch.Tensor
+    length_free = False  # broadcastable to (B, H, Sq, Sk)
 
     @property
     def key(self) -> str:
@@ -379,6 +385,8 @@ class Alibi(Part):
 
     def tensors(self, prefix):
         return {f"{prefix}alibi_slopes": self.slopes}
+
+    length_free = True  # checks the head count only
 
     def validate_call(self, B, Hq, Sq, Sk, offset, device):
         if self.slopes.numel() != Hq:
@@ -467,6 +475,8 @@ class RelativeBias(Part):
     def tensors(self, prefix):
         return {f"{prefix}rel_table": self.table}
 
+    length_free = True  # checks the head count only (the kernel clamps distances past the table)
+
     def validate_call(self, B, Hq, Sq, Sk, offset, device):
         if self.table.shape[0] not in (1, Hq):
             raise ValueError(f"relative_bias table has {self.table.shape[0]} rows, query has {Hq} heads")
@@ -521,6 +531,7 @@ class DenseBias(Part):
 
     bias: torch.Tensor
     kind = "score"
+    length_free = False  # broadcastable to (B, H, Sq, Sk)
 
     @property
     def key(self) -> str:
@@ -689,6 +700,11 @@ class Variant:
         off = self.offset(Sq, Sk)
         for p in self.parts:
             p.validate_call(B, Hq, Sq, Sk, off, device)
+
+    @property
+    def length_free(self) -> bool:
+        """Whether :meth:`validate_call` ignores the lengths (every part's ``length_free``)."""
+        return all(p.length_free for p in self.parts)
 
     def fits(self, B: int, Hq: int, Sq: int, Sk: int) -> bool:
         """Whether this variant's tensors can serve a call of this shape (:meth:`validate_call`)."""
