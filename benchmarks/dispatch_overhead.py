@@ -60,11 +60,40 @@ def main() -> int:
     config.set_settings(None)
     c = Case(args.variant, args.b, args.hq, args.hkv, args.s, args.s, args.d, VARIANTS[args.variant](V))
     res = dispatch_overhead(c) or {"variant": args.variant, "error": "no cached kernel for this signature"}
-    out = Path(os.environ.get("OUT") or "benchmarks/results")
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"dispatch_overhead_{args.variant}.json").write_text(json.dumps(res, indent=1))
-    print(json.dumps(res))
+    _write(f"dispatch_overhead_{args.variant}.json", res)
     return 0
+
+
+class _Noop:
+    """A settled table entry's kernel that does nothing: what is left is the host path."""
+
+    def fn(self, q, k, v, out, scale, **tensors):
+        return None
+
+    def unsupported(self, q, k, v):
+        return None
+
+
+def _noop_entry(q, k, v, var) -> _Noop:
+    """A fresh dispatch table holding a settled no-op kernel entry for this call (as after a cache
+    hit); returns the kernel."""
+    from torch_r1attn import config, dispatch
+    from torch_r1attn.spec import AttentionSpec
+
+    config.set_settings(None)
+    dispatch.reset()
+    kern = _Noop()
+    dispatch._table[dispatch.table_key(q, k, v, var)] = dispatch.Resolved(
+        spec=AttentionSpec.from_call(q, k, v, var.key), path="eager", reason="noop", kernel=kern,
+        unsupported=None, source="cache-kernel", strided_out=True)
+    return kern
+
+
+def _write(name: str, res: dict) -> None:
+    out_dir = Path(os.environ.get("OUT") or "benchmarks/results")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / name).write_text(json.dumps(res, indent=1))
+    print(json.dumps(res))
 
 
 def _noop(args) -> int:
@@ -73,30 +102,14 @@ def _noop(args) -> int:
     import torch
 
     import torch_r1attn as r1
-    from torch_r1attn import config, dispatch, variants as V
-    from torch_r1attn.spec import AttentionSpec
+    from torch_r1attn import hotpath, variants as V
     from benchmarks.common import interleaved_host_us
 
-    config.set_settings(None)
-    dispatch.reset()
     var = VARIANTS[args.variant](V)
     q = torch.randn(args.b, args.hq, args.s, args.d)
     k, v = (torch.randn(args.b, args.hkv, args.s, args.d) for _ in range(2))
     gqa = args.hq != args.hkv
-
-    class _Noop:
-        def fn(self, q, k, v, out, scale, **tensors):
-            return None
-
-        def unsupported(self, q, k, v):
-            return None
-
-    kern = _Noop()
-    # a settled kernel entry, in the table before the first call (as after a cache hit)
-    dispatch._table[dispatch.table_key(q, k, v, var)] = dispatch.Resolved(
-        spec=AttentionSpec.from_call(q, k, v, var.key), path="eager", reason="noop", kernel=kern,
-        unsupported=None, source="cache-kernel", strided_out=True)
-    from torch_r1attn import hotpath
+    kern = _noop_entry(q, k, v, var)
 
     native = hotpath.ensure(block=True)  # the C++ fast path, as a long-running process would have it
     for _ in range(3):  # settle the entry, register it with the fast path
@@ -109,10 +122,7 @@ def _noop(args) -> int:
     res = {"variant": args.variant, "mode": "noop (host Python path only)", "hotpath": hotpath.status(),
            "cpp_fast_path": native,
            **{n: {a: round(b, 3) for a, b in x.items()} for n, x in m.items()}}
-    out_dir = Path(os.environ.get("OUT") or "benchmarks/results")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / f"dispatch_overhead_noop_{args.variant}.json").write_text(json.dumps(res, indent=1))
-    print(json.dumps(res))
+    _write(f"dispatch_overhead_noop_{args.variant}.json", res)
     return 0
 
 
@@ -126,31 +136,18 @@ def _noop_decode(args) -> int:
     import torch
 
     import torch_r1attn as r1
-    from torch_r1attn import config, dispatch, functional, hotpath, variants as V
-    from torch_r1attn.spec import AttentionSpec
+    from torch_r1attn import functional, hotpath, variants as V
 
-    config.set_settings(None)
-    dispatch.reset()
     if not hotpath.ensure(block=True, force=True):
         print(json.dumps({"error": "the C++ fast path did not build", **hotpath.status()}))
         return 1
     mod = hotpath._module
-
-    class _Noop:
-        def fn(self, q, k, v, out, scale, **tensors):
-            return None
-
-        def unsupported(self, q, k, v):
-            return None
-
     var = V.causal(align="bottom_right") if args.variant == "causal" else VARIANTS[args.variant](V)
     half = args.s // 2
     q = torch.randn(args.b, args.hq, 1, args.d)
     kc, vc = (torch.randn(args.b, args.hkv, args.s, args.d) for _ in range(2))
     steps = [(kc[:, :, :n], vc[:, :, :n]) for n in range(half + 1, args.s + 1)]
-    dispatch._table[dispatch.table_key(q, *steps[0], var)] = dispatch.Resolved(
-        spec=AttentionSpec.from_call(q, *steps[0], var.key), path="eager", reason="noop", kernel=_Noop(),
-        unsupported=None, source="cache-kernel", strided_out=True)
+    _noop_entry(q, *steps[0], var)
     gqa = args.hq != args.hkv
     n = min(1000, len(steps))
     runs: dict[str, list[float]] = {}
@@ -167,10 +164,7 @@ def _noop_decode(args) -> int:
     res = {"variant": args.variant, "mode": "noop decode steps (host path only)", "steps": n,
            "shape": [args.b, args.hq, args.hkv, args.s, args.d],
            **{f"{p}_us_per_step": round(statistics.median(v), 3) for p, v in runs.items()}}
-    out_dir = Path(os.environ.get("OUT") or "benchmarks/results")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / f"dispatch_overhead_noop_decode_{args.variant}.json").write_text(json.dumps(res, indent=1))
-    print(json.dumps(res))
+    _write(f"dispatch_overhead_noop_decode_{args.variant}.json", res)
     return 0
 
 
