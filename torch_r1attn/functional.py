@@ -63,6 +63,8 @@ def attention(
             x . . .                         x x x .
             x x . .                         x x x x
     """
+    # The C++ fast path first (the same question _attention asks its other callers, asked here so
+    # that a hit costs no second Python call layer)
     hot = _hot_call
     if hot is not None and attn_mask is None and not _is_compiling():
         out = hot(query, key, value, variant, is_causal, enable_gqa, scale, dropout_p, False)

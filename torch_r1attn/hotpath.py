@@ -155,9 +155,8 @@ def _check_private(lib: Path) -> None:
     st = os.lstat(lib)
     if not stat.S_ISREG(st.st_mode):
         raise RuntimeError(f"{lib} is not a regular file")
-    for what, path, s in ((str(lib), lib, st), (str(lib.parent), lib.parent, None),
-                          (str(lib.parent.parent), lib.parent.parent, None)):
-        problem = _private_problem(s or os.stat(path), what)
+    for path in (lib, lib.parent, lib.parent.parent):
+        problem = _private_problem(st if path is lib else os.stat(path), str(path))
         if problem:
             raise RuntimeError(f"refusing to load the fast path: {problem}")
 
@@ -227,8 +226,7 @@ def ensure(block: bool = False, *, force: bool = False, root: Path | None = None
 
 
 def on_ready(cb: Callable[[Any], None]) -> None:
-    """Call ``cb(module)`` when the extension is loaded (now, if it already is); ``cb(None)`` when
-    it is dropped (tests)."""
+    """Call ``cb(module)`` when the extension is loaded (now, if it already is)."""
     with _lock:
         _listeners.append(cb)
         mod = _module
@@ -253,15 +251,3 @@ def status() -> dict[str, Any]:
     mod = _module
     return {"state": _state, "error": _error, "entries": mod.size() if mod is not None else 0,
             "compiler": find_cxx()}
-
-
-def _reset_for_tests() -> None:
-    """Forget the loaded module and any failure (tests only; a loaded library stays mapped)."""
-    global _state, _error, _module, _thread
-    with _lock:
-        if _module is not None:
-            _module.clear()
-        _state, _error, _module, _thread = "idle", None, None, None
-        listeners = list(_listeners)
-    for cb in listeners:
-        cb(None)
