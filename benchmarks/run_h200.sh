@@ -78,6 +78,8 @@ case "${step:-tests}" in
     # cache_tgz=FILE: continue a prewarm another call started (its searched entries are hits here,
     # so one GPU can fill the three shapes' cache over several calls; the export holds them all)
     [ -z "${cache_tgz:-}" ] || python3 -m torch_r1attn.cli cache import "$cache_tgz"
+    # drop="uri-substring ...": entries of the import to search again (e.g. a new candidate family)
+    for d in ${drop:-}; do python3 -m torch_r1attn.cli cache clear "$d" || true; done
     R1ATTN_WORKERS=${workers:-4} R1ATTN_SAMPLES=8 R1ATTN_ROUNDS=2 timeout ${t_prewarm:-540} \
       python3 benchmarks/bench_variants.py --prewarm-only --prewarm-gpus "${gpus:-all}" --budget ${budget:-20} \
       $(for sh in ${shapes:-B4_H32_S4096_D128 B8_H32_S2048_D64 B1_H32_S16384_D128}; do echo --shape $sh; done) \

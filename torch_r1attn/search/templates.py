@@ -17,7 +17,8 @@ Two kernel families:
 
 Knobs (keys of ``config``)::
 
-    path             "prefill" | "decode"
+    path             "prefill" | "decode" | "compose" (prefix-LM from SDPA calls, :mod:`.compose`;
+                     takes no other knob)
     BLOCK_M, BLOCK_N tile sizes (powers of two, 16..256)
     num_warps, num_stages
     exp2             online softmax in base 2 (scale * log2(e) folded into the score multiply)
@@ -55,6 +56,7 @@ from typing import Any
 
 from .. import variants as V
 from ..problem import Problem
+from . import compose
 from .base import Candidate, Feedback
 from .codegen import HELPERS, LOG2E, Ctx, Untraceable, VariantCode, variant_code
 
@@ -64,7 +66,7 @@ __all__ = ["TemplatesProposer", "generate_source", "default_config", "normalize_
 
 _POW2 = (16, 32, 64, 128, 256)
 KNOB_VALUES: dict[str, tuple] = {
-    "path": ("prefill", "decode"),
+    "path": ("prefill", "decode", "compose"),
     "BLOCK_M": _POW2,
     "BLOCK_N": _POW2,
     "num_warps": (2, 4, 8),
@@ -185,6 +187,13 @@ def normalize_config(problem: Problem, config: dict[str, Any] | None) -> dict[st
 
     Raises ValueError for an unknown knob, a value outside the knob's range, or a CUDA-only
     knob switched on for a CPU (interpreter) problem."""
+    if (config or {}).get("path") == "compose":
+        if set(config) != {"path"}:
+            raise ValueError(f"template path 'compose' takes no other knob (got {sorted(set(config) - {'path'})})")
+        if not compose.applies(problem):
+            raise ValueError(f"template path 'compose' does not fit {problem.variant.key} "
+                             "(prefix-LM alone, prefix >= 1, prefill)")
+        return {"path": "compose"}
     cfg = default_config(problem)
     for k, val in (config or {}).items():
         if k not in KNOB_VALUES:
@@ -757,6 +766,8 @@ def generate_source(problem: Problem, config: dict[str, Any] | None = None) -> s
     Raises :class:`~torch_r1attn.search.codegen.Untraceable` when a part (a user callable)
     cannot be translated, ValueError for a bad config."""
     cfg = normalize_config(problem, config)
+    if cfg["path"] == "compose":
+        return compose.generate_source(problem)
     spec = problem.spec
     decode = cfg["path"] == "decode"
     vc = variant_code(problem.variant, Ctx(decode=decode, rel_vec=cfg["rel_vec"], rel_asm=cfg["rel_asm"]),
@@ -988,13 +999,17 @@ class TemplatesProposer:
         bad_values = self._bad_values(mine) if good else set()
         spread = _spread(problem)
         if not mine:
-            pool = spread
+            # a composed form (SDPA's kernels, no compile) first: cheap to check, and where it
+            # fits it is the one to beat (prefix-LM: cuDNN causal + the prefix square)
+            pool = ([{"path": "compose"}] if compose.applies(problem) else []) + spread
         else:
             inf = float("inf")
             ranked = sorted(enumerate(good), key=lambda t: (t[1].time_ms if t[1].time_ms is not None else inf, t[0]))
             pool = []
             for _, fb in ranked[:3]:
-                pool += _neighbours(problem, normalize_config(problem, fb.candidate.config))
+                cfg = normalize_config(problem, fb.candidate.config)
+                if cfg["path"] != "compose":  # no knobs to step
+                    pool += _neighbours(problem, cfg)
             pool += spread
         out: list[Candidate] = []
         for cfg in pool:

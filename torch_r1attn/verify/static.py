@@ -21,7 +21,9 @@ is refused with a readable reason, because each of these has been seen in LLM-wr
   module-level objects, ``functools.cache``/``lru_cache``;
 * ``data_ptr()`` / ``id()`` — output caches keyed by the input's address.
 
-Python (Triton) sources are checked on their AST; CUDA sources by tokens after comments and
+One exemption: the library's own composed candidates (:mod:`torch_r1attn.search.compose`, e.g.
+prefix-LM as cuDNN's causal kernel plus the prefix square), recognised only when the source is
+that module's output verbatim. Python (Triton) sources are checked on their AST; CUDA sources by tokens after comments and
 string literals are stripped. The dynamic checks (:mod:`.check`) back all of this up: a
 candidate that slips past here still has to produce the right bits, deterministically, without
 touching its inputs.
@@ -31,6 +33,8 @@ from __future__ import annotations
 
 import ast
 import re
+
+from ..search.compose import is_composed_source
 
 ALLOWED_IMPORTS = ("torch", "triton", "math", "typing", "__future__")
 # Submodules of triton that kernels legitimately use (language, libdevice, TMA descriptors).
@@ -89,6 +93,8 @@ def check_source(source: str, language: str = "triton") -> list[str]:
     if not isinstance(source, str):
         raise TypeError(f"source must be a str, got {type(source).__name__}")
     if language == "triton":
+        if is_composed_source(source):
+            return []  # the library's own SDPA composition, verbatim (see search.compose)
         return _check_python(source)
     if language == "cuda":
         return _check_cuda(source)
