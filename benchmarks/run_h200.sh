@@ -31,6 +31,12 @@ set -euo pipefail
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 OUT=${OUT:-$PWD/bench_out}
 mkdir -p "$OUT"
 fresh_cache() { export R1ATTN_CACHE_DIR=${cache:-$(mktemp -d)}; mkdir -p "$R1ATTN_CACHE_DIR"; chmod 700 "$R1ATTN_CACHE_DIR"; }
+# cache_tgz=FILE: start from an earlier call's export; drop="uri-substring ...": its entries to search
+# again (e.g. after a new candidate family)
+import_cache() {
+  [ -z "${cache_tgz:-}" ] || python3 -m torch_r1attn.cli cache import "$cache_tgz"
+  for d in ${drop:-}; do python3 -m torch_r1attn.cli cache clear "$d" || true; done
+}
 # every search report (JSON + scaling plot) of this run's cache, paths kept (they share file names)
 save_reports() { (cd "$R1ATTN_CACHE_DIR" && find . -path '*report*' -type f \( -name '*.json' -o -name '*.png' \) \
                   | tar czf "$OUT/search_reports.tgz" -T -) || true; }
@@ -51,7 +57,7 @@ case "${step:-tests}" in
     # no-op host measure both ways, and the bench's dispatch overhead with real kernels from a cache
     # (cache_tgz=FILE of step=bench export=1 / step=prewarm; else the two searches run first)  (~4 min)
     fresh_cache
-    [ -z "${cache_tgz:-}" ] || python3 -m torch_r1attn.cli cache import "$cache_tgz"
+    import_cache
     timeout ${t_hot:-150} python3 -m pytest -q -p no:cacheprovider tests/test_hotpath.py tests/test_dispatch.py \
       tests/test_loader.py -k "hot" 2>&1 | tee "$OUT/hotpath_tests.log" | tail -4 || true
     for v in sliding_window softcap_causal; do timeout 90 python3 benchmarks/dispatch_overhead.py --noop --variant $v \
@@ -61,7 +67,7 @@ case "${step:-tests}" in
       | tee "$OUT/hotpath_bench.log" | grep -E "^\|" | tail -4 || true ;;
   bench)
     fresh_cache
-    [ -z "${cache_tgz:-}" ] || python3 -m torch_r1attn.cli cache import "$cache_tgz"
+    import_cache
     # ~90 s per structured signature at S=4096 in session 2 (budget 30, 4 workers): one shape per call
     R1ATTN_WORKERS=${workers:-4} R1ATTN_SAMPLES=8 R1ATTN_ROUNDS=2 timeout ${t_bench:-560} \
       python3 benchmarks/bench_variants.py $(for sh in ${shape:-B4_H32_S4096_D128}; do echo --shape $sh; done) --prewarm-gpus "${gpus:-all}" \
@@ -77,9 +83,7 @@ case "${step:-tests}" in
     fresh_cache
     # cache_tgz=FILE: continue a prewarm another call started (its searched entries are hits here,
     # so one GPU can fill the three shapes' cache over several calls; the export holds them all)
-    [ -z "${cache_tgz:-}" ] || python3 -m torch_r1attn.cli cache import "$cache_tgz"
-    # drop="uri-substring ...": entries of the import to search again (e.g. a new candidate family)
-    for d in ${drop:-}; do python3 -m torch_r1attn.cli cache clear "$d" || true; done
+    import_cache
     R1ATTN_WORKERS=${workers:-4} R1ATTN_SAMPLES=8 R1ATTN_ROUNDS=2 timeout ${t_prewarm:-540} \
       python3 benchmarks/bench_variants.py --prewarm-only --prewarm-gpus "${gpus:-all}" --budget ${budget:-20} \
       $(for sh in ${shapes:-B4_H32_S4096_D128 B8_H32_S2048_D64 B1_H32_S16384_D128}; do echo --shape $sh; done) \

@@ -8,7 +8,8 @@
 // the checks and the allocation are C++:
 //
 //   call(q, k, v, variant, is_causal, enable_gqa, scale, dropout_p, bshd_out)
-//     -> out          the entry's kernel ran: fn(q, k, v, out, scale, **tensors)  (or its runner)
+//     -> out          the entry's kernel ran: fn(q, k, v, out, scale, **tensors)  (or its runner);
+//                      a kernel that returns a tensor (a composed module) gives that instead
 //     -> None         no entry for this key: the caller registers one after the Python path ran
 //     -> Ellipsis     an entry, but this call needs the Python path (grad, layout, an unusual
 //                      scale / dropout / flag value): run it, do not register
@@ -221,8 +222,17 @@ PyObject* hot_call(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
       Py_DECREF(py_out);
       goto done;
     }
-    Py_DECREF(r);
-    result = py_out;
+    if (r == Py_None) {  // wrote out
+      Py_DECREF(r);
+      result = py_out;
+    } else if (THPVariable_Check(r)) {  // a composed module returns its own output (loader's contract)
+      Py_DECREF(py_out);
+      result = r;
+    } else {
+      Py_DECREF(r);
+      Py_DECREF(py_out);
+      PyErr_SetString(PyExc_TypeError, "r1attn fast path: kernel forward returned neither None nor a tensor");
+    }
   }
 done:
   Py_XDECREF(py_scale);

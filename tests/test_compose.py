@@ -62,8 +62,7 @@ def test_one_module_serves_other_lengths_of_its_bucket(tmp_path):
         g = torch.Generator().manual_seed(3)
         for sq, sk in ((64, 64), (50, 50), (30, 64), (64, 37)):
             q, k, v = (torch.randn(1, 2, s, 16, generator=g) for s in (sq, sk, sk))
-            out = torch.full((1, 2, sq, 16), float("nan"))
-            kern(q, k, v, out, 0.25)
+            out = kern(q, k, v, torch.full((1, 2, sq, 16), float("nan")), 0.25)
             assert_close_to_ref(out, reference_attention(q, k, v, var, 0.25), name=f"{align} {sq}x{sk}")
 
 
@@ -109,7 +108,7 @@ def test_static_check_exempts_only_the_verbatim_module():
     tampered = {
         "extra import": src.replace("PREFIX = 7", "PREFIX = 7\nimport os"),
         "code in the header": src.replace("import torch\n", "import torch\nX = torch.zeros(1)\n", 1),
-        "a changed body": src.replace("out.copy_(causal)", "out.copy_(causal * 1.01)"),
+        "a changed body": src.replace("    return res\n", "    return res * 1.01\n"),
         "an extra function": src + "\ndef helper():\n    return 1\n",
         "PREFIX not an int": src.replace("PREFIX = 7", "PREFIX = 'x'"),
         "PREFIX zero": src.replace("PREFIX = 7", "PREFIX = 0"),
@@ -136,7 +135,7 @@ def test_verifier_accepts_and_times_it(tmp_path, cache_dir):
     assert res.ok and res.verdict == "pass", res.feedback
     assert {"values", "written", "inputs_unchanged", "deterministic"} <= {c.name for c in res.checks}
     # the same module with its body changed is refused before it runs
-    bad = Candidate(source=cand.source.replace("out.copy_(causal)", "out.copy_(causal * 1.01)"), language="triton")
+    bad = Candidate(source=cand.source.replace("    return res\n", "    return res * 1.01\n"), language="triton")
     res = verify(bad, prob)
     assert not res.ok and res.reason.startswith("static check")
 

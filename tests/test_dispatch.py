@@ -23,6 +23,14 @@ class _Recorder:
         return None
 
 
+class _Returner(_Recorder):
+    """A kernel that leaves ``out`` alone and returns its own output (a composed module)."""
+
+    def fn(self, q, k, v, out, scale, **tensors):
+        self.outs.append(out)
+        return torch.full_like(out, 5.0)
+
+
 @pytest.fixture(params=["python", "cpp"])
 def inject(request):
     """Put a stand-in kernel in the table. Each test runs twice: repeat calls served by the Python
@@ -31,8 +39,8 @@ def inject(request):
         request.getfixturevalue("cpp_hot")
     made = []
 
-    def put(q, k, v, variant, strided_out=False):
-        kern = _Recorder()
+    def put(q, k, v, variant, strided_out=False, kind=_Recorder):
+        kern = kind()
         key = table_key(q, k, v, variant)
         dispatch._table[key] = Resolved(spec=AttentionSpec.from_call(q, k, v, variant.key), path="eager",
                                         reason="test", kernel=kern, unsupported=_UNCHECKED, strided_out=strided_out)
@@ -55,6 +63,18 @@ def test_hit_hands_the_kernel_a_fresh_contiguous_out(inject, dv):
     assert len(kern.outs) == 2 and kern.outs[0] is a and kern.outs[1] is b
     assert a.shape == (2, 4, 17, dv) and a.is_contiguous() and a.dtype == q.dtype
     assert a.data_ptr() != b.data_ptr() and bool((a == 7.0).all())
+
+
+def test_a_kernel_that_returns_its_output_is_answered_with_it(inject):
+    """The loader's contract lets a kernel return its result instead of writing out (search.compose):
+    the first call, the Python hot runner and the C++ fast path all hand back that tensor."""
+    var = V.prefix_lm(5)
+    q, k, v = torch.randn(1, 2, 17, 32), torch.randn(1, 2, 17, 32), torch.randn(1, 2, 17, 32)
+    kern = inject(q, k, v, var, kind=_Returner)
+    got = [r1.attention(q, k, v, variant=var) for _ in range(3)]
+    assert len(kern.outs) == 3
+    for a, handed in zip(got, kern.outs):
+        assert a is not handed and bool((a == 5.0).all()) and a.shape == (1, 2, 17, 32)
 
 
 def test_grad_or_dropout_skip_the_kernel(inject):

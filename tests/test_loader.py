@@ -84,6 +84,24 @@ def test_load_entry_runs_kernel(kc, dtype, Sq, Sk, D, gqa):
     assert_close_to_ref(out, checks["c0.ref"], checks["c0.baseline"])
 
 
+def test_wrapper_returns_out_or_the_checked_returned_tensor():
+    q, k, v = torch.randn(1, 2, 5, 8), torch.randn(1, 2, 5, 8), torch.randn(1, 2, 5, 8)
+    out = torch.empty(1, 2, 5, 8)
+    fresh = torch.ones(1, 2, 5, 8)
+    sup = {"dtypes": ["fp32"], "head_dims": [8], "devices": ["cpu"]}
+    assert loader.LoadedKernel(lambda *a, **t: None, sup)(q, k, v, out, 1.0) is out
+    assert loader.LoadedKernel(lambda *a, **t: fresh, sup)(q, k, v, out, 1.0) is fresh
+    assert loader.LoadedKernel(lambda *a, **t: a[3], sup)(q, k, v, out, 1.0) is out
+    for bad, needle in ((lambda *a, **t: a[0], "shares memory with an input"),
+                        (lambda *a, **t: a[1].view(1, 2, 5, 8), "shares memory with an input"),  # a view of k
+                        (lambda *a, **t: t["vt"], "shares memory with an input"),
+                        (lambda *a, **t: fresh.half(), "float16"),
+                        (lambda *a, **t: fresh[:, :1], "shape"),
+                        (lambda *a, **t: 3, "returned int")):
+        with pytest.raises(loader.KernelLoadError, match=needle):
+            loader.LoadedKernel(bad, sup, "k")(q, k, v, out, 1.0, vt=torch.randn(1, 2, 5, 8))
+
+
 def test_load_is_memoised_per_path_and_hash(kc):
     spec, _, _, checks = make_problem()
     e1 = store_kernel(kc, spec, checks)

@@ -55,7 +55,7 @@ def run_case(tmp_path, variant, *, B=1, Hq=2, Hkv=1, Sq=17, Sk=33, D=16, Dv=None
     out = as_layout(torch.full((B, Hq, Sq, Dv), float("nan"), dtype=dtype, device=device), layout)
     scale = 1.0 / math.sqrt(D)
     q0, k0, v0 = q.clone(), k.clone(), v.clone()
-    kern(q, k, v, out, scale, **variant.tensors())
+    out = kern(q, k, v, out, scale, **variant.tensors())  # out, or the tensor the kernel returned
     assert torch.equal(q, q0) and torch.equal(k, k0) and torch.equal(v, v0), "kernel mutated an input"
     ref = reference_attention(q, k, v, variant, scale, dtype=check_dtype)
     # on the GPU, flash-attention's rule: 2x PyTorch's own same-dtype error (CPU: ref rounding)

@@ -178,6 +178,26 @@ def test_drifts_after_first_calls(pool, causal_problem):
     assert r.check("deterministic").passed  # calls 1 and 2 agree: only the later calls expose it
 
 
+@pytest.mark.parametrize("ret, verdict, needle", [
+    ("out", "pass", None),
+    ("out.clone()", "pass", None),                       # a fresh tensor holding the result
+    ("q", "error", "shares memory with an input"),       # the input itself, same shape here
+    ("out[:, :, :1]", "error", "of shape"),
+    ("1", "error", "returned int"),
+    ("torch.empty_like(out)", "fail", None),             # a fresh tensor the kernel never wrote
+], ids=["out", "fresh-copy", "an-input", "wrong-shape", "not-a-tensor", "unwritten"])
+def test_returned_outputs(pool, causal_problem, ret, verdict, needle):
+    """The contract lets forward return its result instead of writing out (composed modules);
+    what it returns is checked like out would be, and must not be an input."""
+    good = src("good_attention.py", causal=True)
+    tail = "IEEE=q.dtype == torch.float32)\n"
+    assert good.count(tail) == 1
+    r = pool.verify(Candidate(good.replace(tail, tail + f"    return {ret}\n")), causal_problem)
+    assert r.verdict == verdict, r.feedback
+    if needle:
+        assert needle in r.feedback, r.feedback
+
+
 @pytest.mark.parametrize("name, needle", [
     ("bad_sdpa_cheat.py", "scaled_dot_product_attention"),
     ("bad_try_except.py", "try/except"),

@@ -62,7 +62,7 @@ def _check_entry(root: str, name: str) -> dict[str, Any]:
             case.update(ok=False, detail=f"kernel's SUPPORTS rejects its own check case ({why})")
         else:
             out = torch.full(q.shape[:-1] + (v.shape[-1],), float("nan"), dtype=q.dtype, device=device)
-            kernel(q, k, v, out, c.scale, **vt)
+            out = kernel(q, k, v, out, c.scale, **vt)
             if device == "cuda":
                 torch.cuda.synchronize()
             out = out.cpu()

@@ -147,8 +147,8 @@ def forward(q, k, v, variant: Variant, scale: float, enable_gqa: bool, dropout_p
             else:  # empty_like: ~3x cheaper on the host than torch.empty(shape, dtype=, device=)
                 out = (torch.empty_like(q, memory_format=torch.contiguous_format) if v.shape[-1] == q.shape[-1]
                        else q.new_empty(q.shape[:-1] + (v.shape[-1],)))
-            r.kernel.fn(q, k, v, out, scale, **variant.tensors())
-            return out
+            res = r.kernel.fn(q, k, v, out, scale, **variant.tensors())
+            return out if res is None else res  # a composed module returns its own output
         log_once(logging.INFO, ("unsup", r.spec.uri, why), "r1attn %s: kernel does not support this call (%s); "
                  "fallback %s", r.spec.uri, why, r.path)
     return fallback.run(r.path, q, k, v, variant, scale, enable_gqa, dropout_p)
@@ -198,8 +198,8 @@ def hot_runner(key: tuple, variant: Variant, bshd_out: bool = False,
         if check_layout and not (q.is_contiguous() and k.is_contiguous() and v.is_contiguous()):
             return None
         out = alloc(q, v)
-        fn(q, k, v, out, scale, **tensors)
-        return out
+        res = fn(q, k, v, out, scale, **tensors)
+        return out if res is None else res
 
     # what the C++ fast path (hotpath.py) needs to do the same: the launch, the variant's tensors,
     # the allocation (0 empty_like, 1 (B, H, S, Dv), 2 (B, S, H, Dv) transposed), the layout check

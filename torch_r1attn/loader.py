@@ -12,9 +12,13 @@
         "devices": ["cuda"],               # "cpu" only for interpreter-run kernels
     }
 
-    def forward(q, k, v, out, scale, **variant_tensors) -> None:
+    def forward(q, k, v, out, scale, **variant_tensors) -> None | torch.Tensor:
         # q (B, Hq, Sq, D), k (B, Hkv, Sk, D), v (B, Hkv, Sk, Dv), out (B, Hq, Sq, Dv) preallocated.
-        # Writes every element of out; allocates no output; mutates no input.
+        # Writes every element of out and returns None; mutates no input.
+        # Or returns a tensor of out's shape, dtype and device holding the result (out is then
+        # ignored): for modules whose last step already made an output (a composed module's
+        # SDPA call, search.compose), so they need not copy it into out. It must not share
+        # memory with an input.
         # variant_tensors are named as Variant.tensors() names them ("p0_doc_ids", ...).
 
 Triton candidates are Python files imported as uniquely named modules (never ``exec`` in the
@@ -125,11 +129,30 @@ class LoadedKernel:
             return f"device {q.device.type}"
         return None
 
-    def __call__(self, q, k, v, out, scale, **variant_tensors) -> None:
-        self.fn(q, k, v, out, scale, **variant_tensors)
+    def __call__(self, q, k, v, out, scale, **variant_tensors) -> torch.Tensor:
+        """Run the kernel; returns the result: ``out``, or the tensor the kernel returned (checked
+        against out's shape, dtype and device, and for shared memory with an input)."""
+        r = self.fn(q, k, v, out, scale, **variant_tensors)
+        if r is None:
+            return out
+        return check_returned(r, out, (q, k, v, *variant_tensors.values()), self.name)
 
     def __repr__(self) -> str:
         return f"LoadedKernel({self.name})"
+
+
+def check_returned(r: Any, out: torch.Tensor, inputs: tuple, name: str = "kernel") -> torch.Tensor:
+    """``r`` if it may stand for ``out`` (see the contract), else KernelLoadError naming why."""
+    if not isinstance(r, torch.Tensor):
+        raise KernelLoadError(f"{name}: forward returned {type(r).__name__}, expected None or a tensor")
+    if r.shape != out.shape or r.dtype != out.dtype or r.device != out.device:
+        raise KernelLoadError(f"{name}: forward returned a {r.dtype} tensor of shape {tuple(r.shape)} on {r.device}; "
+                              f"out is {out.dtype} {tuple(out.shape)} on {out.device}")
+    base = r.untyped_storage().data_ptr()
+    for x in inputs:
+        if isinstance(x, torch.Tensor) and x.device == r.device and x.untyped_storage().data_ptr() == base:
+            raise KernelLoadError(f"{name}: forward returned a tensor that shares memory with an input")
+    return r
 
 
 def load_source_file(path: str | Path, language: str = "triton", name_hint: str = "kernel") -> LoadedKernel:

@@ -364,7 +364,7 @@ class _Worker:
                     out = as_layout(torch.full(q.shape[:-1] + (v.shape[-1],), float("nan"), dtype=q.dtype,
                                                device=dev), layout)
                     try:
-                        kern(q, k, v, out, float(t["scale"]), **vt)
+                        out = kern(q, k, v, out, float(t["scale"]), **vt)  # out, or what it returned
                         # read out in stream order (no sync first): side-stream work shows here
                         outs[f"t{i}.c{j}"] = out.clone()
                         self.sync()
@@ -403,7 +403,7 @@ class _Worker:
                         vt = {n: inputs[f"t0.vt.{n}"].to(dev) for n in t["tensors"]}
                         out = torch.full(q.shape[:-1] + (v.shape[-1],), float("nan"), dtype=q.dtype, device=dev)
                         try:
-                            kern(q, k, v, out, float(t["scale"]), **vt)
+                            out = kern(q, k, v, out, float(t["scale"]), **vt)
                             self.sync()
                         except BaseException as e:  # noqa: BLE001
                             report.update(error=_excerpt(e), error_type=type(e).__name__, error_trial="recheck")
@@ -456,7 +456,7 @@ class _Worker:
         sets = timing.make_timing_sets(q, k, v, timing.rotation_count(set_bytes, int(pmeta["rotate_bytes"])))
 
         def cand(qq, kk, vv, oo):
-            kern(qq, kk, vv, oo, scale, **vt)
+            return kern(qq, kk, vv, oo, scale, **vt)
 
         ctx.update(sets=sets, cand=cand)
         if ctx["baselines"]:
