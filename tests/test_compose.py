@@ -140,6 +140,66 @@ def test_verifier_accepts_and_times_it(tmp_path, cache_dir):
     assert not res.ok and res.reason.startswith("static check")
 
 
+def _cached_roundtrip(dtype, device, shape, native, monkeypatch):
+    """A cached composed module through the public API: the first call loads it, the repeats take
+    the hot runner (``native``: the C++ fast path's module, which answers after the first repeat);
+    every answer is the module's returned tensor, right against the reference; a call of other
+    lengths in the same bucket (prefix-LM is length-free) too."""
+    import torch_r1attn as r1
+    from tests.helpers import assert_close_to_ref
+    from torch_r1attn import dispatch
+    from torch_r1attn.cache import KernelCache, make_check_case
+    from torch_r1attn.reference import eager_attention, reference_attention
+    from torch_r1attn.spec import AttentionSpec
+
+    B, H, S, D, P = shape
+    var = V.prefix_lm(P).to(device)
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(B, H, S, D, generator=g).to(device, dtype) for _ in range(3))
+    scale = D ** -0.5
+    spec = AttentionSpec.from_call(q, k, v, var.key)
+    src = generate_source(make_problem(var, B, H, H, S, S, D, D, dtype, device), COMPOSE)
+    KernelCache().store(spec, src, "triton", {"config": COMPOSE, "measurements": {"time_ms": 1.0},
+                                              "provenance": {"proposer": "test"}},
+                        make_check_case(q, k, v, var, scale))
+    ref = reference_attention(q.cpu(), k.cpu(), v.cpu(), var.to("cpu"), scale)
+    outs = [r1.attention(q, k, v, variant=var, on_miss="off")]
+    assert dispatch.status()[0]["kernel"], dispatch.status()
+    outs += [r1.attention(q, k, v, variant=var) for _ in range(3)]
+    if native is not None:
+        assert native.size() == 1
+    # on the GPU, flash-attention's rule: 2x PyTorch's own same-dtype error (CPU: ref rounding)
+    base = eager_attention(q, k, v, var, scale, compute_dtype=dtype).cpu() if device != "cpu" else None
+    for o in outs:
+        assert_close_to_ref(o.cpu(), ref, baseline=base, name="cached compose")
+    assert len({o.data_ptr() for o in outs}) == len(outs)  # a fresh output every call
+    s2 = S - 7  # same bucket, other lengths
+    q2, k2, v2 = q[:, :, :s2], k[:, :, :s2], v[:, :, :s2]
+    o2 = r1.attention(q2, k2, v2, variant=var)
+    assert_close_to_ref(o2.cpu(), reference_attention(q2.cpu(), k2.cpu(), v2.cpu(), var.to("cpu"), scale),
+                        baseline=eager_attention(q2, k2, v2, var, scale, compute_dtype=dtype).cpu()
+                        if device != "cpu" else None)
+
+
+@pytest.mark.parametrize("native", [False, True], ids=["python", "cpp"])
+def test_cached_compose_entry_through_the_api(cache_dir, monkeypatch, request, native):
+    from torch_r1attn import dispatch
+
+    if not dispatch.kernels_usable(torch.device("cpu")):
+        pytest.skip("CPU tensors take cached modules only under TRITON_INTERPRET=1 (a CUDA machine: the _gpu twin)")
+    mod = request.getfixturevalue("cpp_hot") if native else None
+    _cached_roundtrip(torch.float32, "cpu", (1, 2, 48, 16, 11), mod, monkeypatch)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("native", [False, True], ids=["python", "cpp"])
+def test_cached_compose_entry_through_the_api_gpu(cache_dir, monkeypatch, request, native):
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    mod = request.getfixturevalue("cpp_hot") if native else None
+    _cached_roundtrip(torch.bfloat16, "cuda", (2, 8, 1000, 128, 250), mod, monkeypatch)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("Sq,Sk,prefix,align,Hq,Hkv,D", [
     (1000, 1000, 250, "top_left", 8, 8, 128),
