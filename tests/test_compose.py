@@ -140,7 +140,7 @@ def test_verifier_accepts_and_times_it(tmp_path, cache_dir):
     assert not res.ok and res.reason.startswith("static check")
 
 
-def _cached_roundtrip(dtype, device, shape, native, monkeypatch):
+def _cached_roundtrip(dtype, device, shape, native):
     """A cached composed module through the public API: the first call loads it, the repeats take
     the hot runner (``native``: the C++ fast path's module, which answers after the first repeat);
     every answer is the module's returned tensor, right against the reference; a call of other
@@ -182,22 +182,22 @@ def _cached_roundtrip(dtype, device, shape, native, monkeypatch):
 
 
 @pytest.mark.parametrize("native", [False, True], ids=["python", "cpp"])
-def test_cached_compose_entry_through_the_api(cache_dir, monkeypatch, request, native):
+def test_cached_compose_entry_through_the_api(cache_dir, request, native):
     from torch_r1attn import dispatch
 
     if not dispatch.kernels_usable(torch.device("cpu")):
         pytest.skip("CPU tensors take cached modules only under TRITON_INTERPRET=1 (a CUDA machine: the _gpu twin)")
     mod = request.getfixturevalue("cpp_hot") if native else None
-    _cached_roundtrip(torch.float32, "cpu", (1, 2, 48, 16, 11), mod, monkeypatch)
+    _cached_roundtrip(torch.float32, "cpu", (1, 2, 48, 16, 11), mod)
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("native", [False, True], ids=["python", "cpp"])
-def test_cached_compose_entry_through_the_api_gpu(cache_dir, monkeypatch, request, native):
+def test_cached_compose_entry_through_the_api_gpu(cache_dir, request, native):
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
     mod = request.getfixturevalue("cpp_hot") if native else None
-    _cached_roundtrip(torch.bfloat16, "cuda", (2, 8, 1000, 128, 250), mod, monkeypatch)
+    _cached_roundtrip(torch.bfloat16, "cuda", (2, 8, 1000, 128, 250), mod)
 
 
 @pytest.mark.gpu

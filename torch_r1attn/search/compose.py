@@ -77,10 +77,9 @@ def forward(q, k, v, out, scale, **variant_tensors):
 
 def generate_source(problem: Problem) -> str:
     """The composed kernel module for ``problem`` (raises ValueError if :func:`applies` is False)."""
-    part = _prefix(problem)
-    if part is None or not applies(problem):
+    if not applies(problem):
         raise ValueError(f"no composed form for {problem.variant.key} (only prefix-LM alone, prefix >= 1, prefill)")
-    spec = problem.spec
+    part, spec = _prefix(problem), problem.spec
     supports = {
         "dtypes": [spec.dtype], "head_dims": [spec.head_dim], "head_dims_v": [spec.head_dim_v], "gqa": [spec.gqa],
         "max_seqlen_q": spec.sq_bucket, "max_seqlen_k": spec.sk_bucket, "devices": ["cuda", "cpu"],
@@ -104,6 +103,7 @@ def generate_source(problem: Problem) -> str:
 
 
 _HEADER_NAMES = {"SUPPORTS": dict, "CONFIG": dict, "NEEDS": tuple, "PREFIX": int, "ALIGN_BOTTOM_RIGHT": bool}
+_HEADER_IMPORTS = [ast.dump(ast.parse(line).body[0]) for line in ("import torch", "import torch.nn.functional as F")]
 
 
 def is_composed_source(source: str) -> bool:
@@ -121,9 +121,7 @@ def is_composed_source(source: str) -> bool:
     if not body or not (isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant)
                         and isinstance(body[0].value.value, str)):
         return False
-    imports = [ast.dump(n) for n in body[1:3]]
-    if imports != [ast.dump(ast.parse("import torch").body[0]),
-                   ast.dump(ast.parse("import torch.nn.functional as F").body[0])]:
+    if [ast.dump(n) for n in body[1:3]] != _HEADER_IMPORTS:
         return False
     seen: dict[str, object] = {}
     for node in body[3:]:
