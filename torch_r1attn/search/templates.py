@@ -41,6 +41,9 @@ Knobs (keys of ``config``)::
     rel_asm          with rel_vec (CUDA): 0 = tl.load (then a shared-memory trip into the score
                      tile's layout), 1 / 2 = inline-asm loads of 1 / 2 fp32 straight in that layout
     num_splits       decode: kv splits (0 = enough to fill the GPU twice)
+    maxnreg          registers per thread the compiler may use (0 = its own choice, up to 255):
+                     a lower cap lets more CTAs share an SM's 64K registers (M128 w8 at 128: two
+                     CTAs, 16 warps, where the default 252 allows one), at the price of spills
 
 The Hopper knobs and ``fast_tanh`` default off on the CPU and are searched on CUDA only
 (``fast_tanh`` is refused on the CPU: the interpreter cannot run inline asm; ``tma`` and
@@ -83,8 +86,9 @@ KNOB_VALUES: dict[str, tuple] = {
     "rel_vec": (True, False),
     "rel_asm": (0, 1, 2),
     "num_splits": (0, 1, 2, 4, 8, 16, 32),
+    "maxnreg": (0, 128, 168, 192, 232),
 }
-_CUDA_ONLY = ("fast_tanh", "tma", "warp_specialize", "rel_asm")
+_CUDA_ONLY = ("fast_tanh", "tma", "warp_specialize", "rel_asm", "maxnreg")
 # knobs only an explicit config turns on (tune_templates --ab); the neighbour search leaves them
 # alone. pipeline_qk: 36-65% slower on every variant at S4096 D128 on the H200 (session 6,
 # results/tune_templates_H200_session6_pipeline_qk*): Triton waits for the early Q.K^T where it is
@@ -125,7 +129,7 @@ def default_config(problem: Problem) -> dict[str, Any]:
         "exp2": True, "fold_scale": False, "split_loop": True, "branch_mask": False,
         "reverse_m": _causal_like(problem.variant),
         "fast_tanh": not cpu, "tma": False, "warp_specialize": False, "pipeline_qk": False, "num_splits": 0,
-        "rel_vec": not decode, "rel_asm": 0,
+        "rel_vec": not decode, "rel_asm": 0, "maxnreg": 0,
     }
     if cpu:
         cfg.update(BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=1)
@@ -697,6 +701,10 @@ def _tma_ok(*ts):
 '''
 
 
+def _maxnreg_arg(cfg) -> str:
+    return f", maxnreg={cfg['maxnreg']}" if cfg.get("maxnreg") else ""
+
+
 def _host_prefill(vc: VariantCode, cfg, spec, factor: float, align_br: bool) -> list[str]:
     tma = cfg["tma"]
     b = [
@@ -716,7 +724,7 @@ def _host_prefill(vc: VariantCode, cfg, spec, factor: float, align_br: bool) -> 
         f"    H, Sq, Sk, offset, NUM_M, {args}",
         "    GQA=GQA, D=HEAD_DIM, DV=HEAD_DIM_V, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D,",
         f"    BLOCK_DV=BLOCK_DV, FAST_TANH=FAST_TANH, USE_TMA={'use_tma' if tma else 'False'}, {_constexpr_args(vc)}",
-        "    num_warps=NUM_WARPS, num_stages=NUM_STAGES)",
+        f"    num_warps=NUM_WARPS, num_stages=NUM_STAGES{_maxnreg_arg(cfg)})",
     ]
     return b
 
@@ -745,7 +753,7 @@ def _host_decode(vc: VariantCode, cfg, spec, factor: float, align_br: bool) -> l
         "    q, k, v, acc, lse, qk_mul, *q.stride(), *k.stride(), *v.stride(),",
         f"    HKV, Sq, Sk, offset, chunk, ns, {args}",
         "    GQA=GQA, D=HEAD_DIM, DV=HEAD_DIM_V, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D,",
-        f"    BLOCK_DV=BLOCK_DV, FAST_TANH=FAST_TANH, {_constexpr_args(vc)}num_warps=NUM_WARPS, num_stages=NUM_STAGES)",
+        f"    BLOCK_DV=BLOCK_DV, FAST_TANH=FAST_TANH, {_constexpr_args(vc)}num_warps=NUM_WARPS, num_stages=NUM_STAGES{_maxnreg_arg(cfg)})",
         "_attn_combine[(B * H * Sq,)](acc, lse, out, H, Sq, ns, *out.stride(), DV=HEAD_DIM_V,",
         "                             BLOCK_S=_next_pow2(ns), BLOCK_DV=BLOCK_DV)",
     ]

@@ -1,0 +1,166 @@
+"""Which cuDNN forms can carry ALiBi and the sliding window, and what they cost (one GPU).
+
+Two questions, both about reaching cuDNN's attention kernel (which SDPA exposes only as full or
+top-left causal) for variants that today run our Triton dense loop:
+
+* **ALiBi (causal).** ``s = scale q.k + slope (j - q_pos)``; ``-slope q_pos`` is constant along a
+  row, so softmax drops it: the bias is ``slope * j``, a *key-only* term. A key-only term fits into
+  extra head dimensions: ``q' = [q, a]``, ``k' = [k, b]`` with ``scale a.b = slope j``. Exact in
+  bf16 when ``j`` is written in base-256 digits (integers < 256 are exact) and ``slope / scale`` as
+  a bf16 hi + lo pair: ``a = [c_hi 256, c_lo 256, c_hi, c_lo]``, ``b = [j1, j1, j0, j0]``, padded
+  to a multiple of 8. Times cuDNN causal at D + 8 (V padded, and V left at D if cuDNN takes
+  D_v != D_qk), the augmentation itself, and a broadcast key bias through the private cuDNN op with
+  ``is_causal`` (fp32 and bf16 bias), each checked against an fp32 reference on one batch.
+* **Sliding window.** Its diagonal ``W x W`` chunks are causal squares: cuDNN causal on the
+  chunk view ``(B, H * S/W, W, D)`` with its log-sum-exp (the private op), the rest (the strict
+  upper triangle of the previous chunk) left to a Triton kernel that starts from that state.
+  Times the chunked call and checks the LSE layout.
+
+    python benchmarks/cudnn_forms_probe.py [--shape B4_H32_S4096_D128 ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from benchmarks.common import SHAPES, bench_gpu, environment, out_dir, write_json
+
+
+def alibi_ref(q, k, v, slopes, scale):
+    """fp32 causal ALiBi on batch 0."""
+    q, k, v = (t[:1].float() for t in (q, k, v))
+    S = q.shape[2]
+    s = torch.matmul(q, k.transpose(-1, -2)) * scale
+    i = torch.arange(S, device=q.device)
+    s = s + slopes.float()[None, :, None, None] * (i[None, :] - i[:, None]).float()
+    s = s.masked_fill(i[None, :] > i[:, None], float("-inf"))
+    return torch.matmul(torch.softmax(s, -1), v)
+
+
+def aug(q, k, v, slopes, scale, pad_to: int, pad_v: bool):
+    """(q', k', v') with the key-only ALiBi term in extra head dims (see the module docstring)."""
+    B, H, S, D = q.shape
+    c = slopes.double() / scale
+    c_hi = c.to(q.dtype)
+    c_lo = (c - c_hi.double()).to(q.dtype)
+    a = torch.zeros(H, pad_to - D, dtype=q.dtype, device=q.device)
+    a[:, 0], a[:, 1], a[:, 2], a[:, 3] = c_hi * 256, c_lo * 256, c_hi, c_lo
+    j = torch.arange(S, device=q.device)
+    b = torch.zeros(S, pad_to - D, dtype=q.dtype, device=q.device)
+    b[:, 0] = b[:, 1] = (j // 256).to(q.dtype)
+    b[:, 2] = b[:, 3] = (j % 256).to(q.dtype)
+    q2 = torch.cat([q, a[None, :, None, :].expand(B, H, S, pad_to - D)], -1)
+    k2 = torch.cat([k, b[None, None].expand(B, k.shape[1], S, pad_to - D)], -1)
+    v2 = F.pad(v, (0, pad_to - D)) if pad_v else v
+    return q2, k2, v2
+
+
+def probe(B: int, H: int, S: int, D: int, rep_ms: float) -> dict:
+    g = torch.Generator(device="cuda").manual_seed(0)
+    sets = [tuple(torch.randn(B, H, S, D, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(3))
+            for _ in range(3)]
+    scale = D ** -0.5
+    slopes = torch.tensor([2.0 ** (-8.0 * (h + 1) / H) for h in range(H)], device="cuda")
+    row: dict = {"B": B, "H": H, "S": S, "D": D}
+    ref = alibi_ref(*sets[0], slopes, scale)
+
+    def check(name, out):
+        err = (out[:1].float() - ref).abs().max().item()
+        row[f"{name}_maxerr"] = err
+        return err
+
+    def timed(name, fn):
+        try:
+            row[name] = bench_gpu(fn, sets, rep_ms=rep_ms)
+        except Exception as e:  # noqa: BLE001 - a probe: record what failed
+            row[name] = f"{type(e).__name__}: {str(e)[:300]}"
+
+    def cudnn(q, k, v, **kw):
+        with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
+            return F.scaled_dot_product_attention(q, k, v, scale=scale, **kw)
+
+    timed("causal_D", lambda q, k, v: cudnn(q, k, v, is_causal=True))
+    for pad in (D + 8, D + 16, 192 if D < 192 else None):
+        if pad is None:
+            continue
+        for pad_v in (True, False):
+            name = f"alibi_aug{pad}_{'vpad' if pad_v else 'v' + str(D)}"
+
+            def fn(q, k, v, pad=pad, pad_v=pad_v):
+                q2, k2, v2 = aug(q, k, v, slopes, scale, pad, pad_v)
+                o = cudnn(q2, k2, v2, is_causal=True)
+                return o[..., :D] if pad_v else o
+
+            try:
+                check(name, fn(*sets[0]))
+            except Exception as e:  # noqa: BLE001
+                row[name] = f"{type(e).__name__}: {str(e)[:300]}"
+                continue
+            timed(name, fn)
+            q2, k2, v2 = aug(*sets[0], slopes, scale, pad, pad_v)
+            timed(name + "_cudnn_only", lambda q, k, v, q2=q2, k2=k2, v2=v2: cudnn(q2, k2, v2, is_causal=True))
+            if pad == D + 8 and pad_v:
+                timed("aug_only", lambda q, k, v, pad=pad: aug(q, k, v, slopes, scale, pad, True))
+    j = torch.arange(S, device="cuda").float()
+    for bdt in (torch.float32, torch.bfloat16):
+        name = f"alibi_bias_private_{str(bdt).split('.')[-1]}"
+        bias = (slopes[:, None] * j[None, :]).to(bdt)[None, :, None, :].expand(B, H, S, S)
+
+        def fn(q, k, v, bias=bias):
+            return torch.ops.aten._scaled_dot_product_cudnn_attention(q, k, v, bias, False, 0.0, True, False,
+                                                                      scale=scale)[0]
+        try:
+            check(name, fn(*sets[0]))
+        except Exception as e:  # noqa: BLE001
+            row[name] = f"{type(e).__name__}: {str(e)[:300]}"
+            continue
+        timed(name, fn)
+
+    # sliding window: cuDNN causal on the W x W diagonal chunks, with its log-sum-exp
+    W = 1024
+    if S % W == 0:
+        nch = S // W
+
+        def chunks(q, k, v):
+            qc, kc, vc = (t.view(B, H * nch, W, D) for t in (q, k, v))
+            return torch.ops.aten._scaled_dot_product_cudnn_attention(qc, kc, vc, None, True, 0.0, True, False,
+                                                                      scale=scale)
+
+        o, lse = chunks(*sets[0])[:2]
+        row["sw_chunk_out"] = {"shape": list(o.shape), "stride": list(o.stride())}
+        row["sw_chunk_lse"] = {"shape": list(lse.shape), "stride": list(lse.stride()), "dtype": str(lse.dtype)}
+        q, k, v = (t[:1, :1, :W].float() for t in sets[0])
+        s = torch.matmul(q, k.transpose(-1, -2)) * scale
+        s = s.masked_fill(torch.ones(W, W, dtype=torch.bool, device="cuda").triu(1), float("-inf"))
+        row["sw_chunk_lse_maxerr"] = (lse.reshape(B, H * nch, W)[0, 0].float() - torch.logsumexp(s, -1)[0, 0]).abs().max().item()
+        row["sw_chunk_out_maxerr"] = (o[0, 0].float() - torch.matmul(torch.softmax(s, -1), v)[0, 0]).abs().max().item()
+        timed("sw_chunks_lse", lambda q, k, v: chunks(q, k, v)[0])
+        timed("sw_chunks_nolse", lambda q, k, v: cudnn(*(t.view(B, H * nch, W, D) for t in (q, k, v)), is_causal=True))
+    return row
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--shape", action="append", choices=list(SHAPES))
+    ap.add_argument("--rep-ms", type=float, default=100.0)
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        print("cudnn_forms_probe needs a CUDA GPU", file=sys.stderr)
+        return 2
+    rows = []
+    for name in args.shape or list(SHAPES):
+        r = probe(*SHAPES[name], rep_ms=args.rep_ms)
+        rows.append({"shape": name, **r})
+        for key, val in r.items():
+            print(f"{name} {key}: {val:.4f}" if isinstance(val, float) else f"{name} {key}: {val}", flush=True)
+    write_json(out_dir() / "cudnn_forms_probe.json", {"env": environment(), "rows": rows})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
