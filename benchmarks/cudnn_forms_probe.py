@@ -16,7 +16,12 @@ top-left causal) for variants that today run our Triton dense loop:
   upper triangle of the previous chunk) left to a Triton kernel that starts from that state.
   Times the chunked call and checks the LSE layout.
 
-    python benchmarks/cudnn_forms_probe.py [--shape B4_H32_S4096_D128 ...]
+* **Documents (causal).** Every (batch, head, document) is a causal sequence of its own: cuDNN's
+  ragged (varlen) path through the private ``_cudnn_attention_forward`` with cumulative offsets.
+  (B, H, S, D) contiguous is already a packed one-head THD tensor ``(B H S, 1, D)`` with one
+  sequence per (b, h, document): no copy. Also the (B S, H, D) form (a transposed copy).
+
+    python benchmarks/cudnn_forms_probe.py [--shape B4_H32_S4096_D128 ...] [--docs-only]
 """
 
 from __future__ import annotations
@@ -144,17 +149,85 @@ def probe(B: int, H: int, S: int, D: int, rep_ms: float) -> dict:
     return row
 
 
+def probe_docs(B: int, H: int, S: int, D: int, rep_ms: float) -> dict:
+    from benchmarks.common import packed_docs
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    sets = [tuple(torch.randn(B, H, S, D, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(3))
+            for _ in range(3)]
+    scale = D ** -0.5
+    ids = packed_docs(S, 8, device="cuda")
+    starts = torch.nonzero(torch.diff(ids, prepend=ids[:1] - 1)).flatten()  # first index of each doc
+    lens = torch.diff(torch.cat([starts, torch.tensor([S], device="cuda")]))
+    row: dict = {"B": B, "H": H, "S": S, "D": D, "doc_lens": lens.tolist()}
+    # reference: batch 0, head 0, fp32
+    q0, k0, v0 = (t[0, 0].float() for t in sets[0])
+    i = torch.arange(S, device="cuda")
+    allowed = (ids[None, :] == ids[:, None]) & (i[None, :] <= i[:, None])
+    ref = torch.softmax((q0 @ k0.T * scale).masked_fill(~allowed, float("-inf")), -1) @ v0
+
+    def timed(name, fn):
+        try:
+            row[name] = bench_gpu(fn, sets, rep_ms=rep_ms)
+        except Exception as e:  # noqa: BLE001
+            row[name] = f"{type(e).__name__}: {str(e)[:300]}"
+
+    # one-head THD: sequences (b, h, doc) in memory order
+    base = (torch.arange(B * H, device="cuda") * S)[:, None] + starts[None, :]
+    cum1 = torch.cat([base.flatten(), torch.tensor([B * H * S], device="cuda")]).to(torch.int32)
+    mx = int(lens.max())
+
+    def thd1(q, k, v):
+        qq, kk, vv = (t.reshape(B * H * S, 1, D) for t in (q, k, v))
+        o = torch.ops.aten._cudnn_attention_forward(qq, kk, vv, None, cum1, cum1, mx, mx, False, 0.0, True, False,
+                                                    scale=scale)[0]
+        return o.view(B, H, S, D)
+
+    # (B S, H, D): sequences (b, doc), heads as heads
+    baseB = (torch.arange(B, device="cuda") * S)[:, None] + starts[None, :]
+    cumB = torch.cat([baseB.flatten(), torch.tensor([B * S], device="cuda")]).to(torch.int32)
+
+    def thdH(q, k, v, copy=True):
+        qq, kk, vv = (t.transpose(1, 2).reshape(B * S, H, D) for t in (q, k, v))
+        o = torch.ops.aten._cudnn_attention_forward(qq, kk, vv, None, cumB, cumB, mx, mx, False, 0.0, True, False,
+                                                    scale=scale)[0]
+        return o.view(B, S, H, D).transpose(1, 2)
+
+    for name, fn in (("docs_thd1", thd1), ("docs_thdH", thdH)):
+        try:
+            out = fn(*sets[0])
+            row[name + "_shape"] = list(out.shape)
+            row[name + "_maxerr"] = (out[0, 0].float() - ref).abs().max().item()
+        except Exception as e:  # noqa: BLE001
+            row[name] = f"{type(e).__name__}: {str(e)[:400]}"
+            continue
+        timed(name, fn)
+    tr = [tuple(t.transpose(1, 2).contiguous() for t in s) for s in sets]
+
+    def thdH_nocopy(q, k, v):
+        qq, kk, vv = (t.view(B * S, H, D) for t in (q, k, v))
+        return torch.ops.aten._cudnn_attention_forward(qq, kk, vv, None, cumB, cumB, mx, mx, False, 0.0, True,
+                                                       False, scale=scale)[0]
+    try:
+        row["docs_thdH_nocopy"] = bench_gpu(thdH_nocopy, tr, rep_ms=rep_ms)
+    except Exception as e:  # noqa: BLE001
+        row["docs_thdH_nocopy"] = f"{type(e).__name__}: {str(e)[:300]}"
+    return row
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--shape", action="append", choices=list(SHAPES))
     ap.add_argument("--rep-ms", type=float, default=100.0)
+    ap.add_argument("--docs-only", action="store_true")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         print("cudnn_forms_probe needs a CUDA GPU", file=sys.stderr)
         return 2
     rows = []
     for name in args.shape or list(SHAPES):
-        r = probe(*SHAPES[name], rep_ms=args.rep_ms)
+        r = {} if args.docs_only else probe(*SHAPES[name], rep_ms=args.rep_ms)
+        r.update(probe_docs(*SHAPES[name], rep_ms=args.rep_ms))
         rows.append({"shape": name, **r})
         for key, val in r.items():
             print(f"{name} {key}: {val:.4f}" if isinstance(val, float) else f"{name} {key}: {val}", flush=True)

@@ -311,8 +311,10 @@ def main() -> int:
                 except Exception as e:  # a config that does not compile/run is a data point
                     row.update(ok=False, error=f"{type(e).__name__}: {str(e)[:300]}")
                 results.append(row)
-                short = {k: cand.config[k] for k in ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages")}
+                short = ({k: cand.config[k] for k in ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages")}
+                         if cand.config.get("path") in ("prefill", "decode") else dict(cand.config))
                 flags = [k for k in ("branch_mask", "fold_scale", "tma", "warp_specialize") if cand.config.get(k)]
+                flags += [f"maxnreg={cand.config['maxnreg']}"] if cand.config.get("maxnreg") else []
                 p2 = f" p2={row['ms_protocol2']:.3f}" if "ms_protocol2" in row else ""
                 if "sustained" in row:
                     p2 += " " + _sustained_str(row["sustained"])
@@ -366,7 +368,8 @@ def main() -> int:
     print("-" * len(hdr))
     for r in rows:
         c = r["best_config"]
-        cs = (f"{c['path'][:3]} M{c['BLOCK_M']} N{c['BLOCK_N']} w{c['num_warps']} s{c['num_stages']}"
+        cs = (" ".join(f"{k}={v}" for k, v in c.items()) if c and c.get("path") not in ("prefill", "decode") else
+              f"{c['path'][:3]} M{c['BLOCK_M']} N{c['BLOCK_N']} w{c['num_warps']} s{c['num_stages']}"
               + (" tma" if c.get("tma") else "") + (" ws" if c.get("warp_specialize") else "")
               + (" fold" if c.get("fold_scale") else "") + (" br" if c.get("branch_mask") else "") + (f" sp{c['num_splits']}" if c["path"] == "decode" else "")
               ) if c else "none correct"

@@ -64,6 +64,15 @@ def run_case(tmp_path, variant, *, B=1, Hq=2, Hkv=1, Sq=17, Sk=33, D=16, Dv=None
     return out
 
 
+@pytest.fixture(autouse=True)
+def _triton_template_only(monkeypatch):
+    """These tests are about the Triton template: keep the Hopper-only fa3 path (search.gluon_fa3)
+    out of the proposer even on an sm_90 machine (tests/test_gluon_fa3.py covers it)."""
+    from torch_r1attn.search import gluon_fa3
+
+    monkeypatch.setattr(gluon_fa3, "_is_hopper", lambda device: False)
+
+
 CFG_A = {"BLOCK_M": 16, "BLOCK_N": 16}
 CFG_B = {"BLOCK_M": 32, "BLOCK_N": 16, "split_loop": False, "exp2": False, "fold_scale": True}
 CFG_C = {"BLOCK_M": 16, "BLOCK_N": 32, "reverse_m": False}

@@ -18,7 +18,8 @@ Two kernel families:
 Knobs (keys of ``config``)::
 
     path             "prefill" | "decode" | "compose" (prefix-LM from SDPA calls, :mod:`.compose`;
-                     takes no other knob)
+                     takes no other knob) | "fa3" (FA3-structured Gluon kernel for Hopper,
+                     :mod:`.gluon_fa3`; takes only its own knobs ``block_n``, ``stages``, ``pingpong``)
     BLOCK_M, BLOCK_N tile sizes (powers of two, 16..256)
     num_warps, num_stages
     exp2             online softmax in base 2 (scale * log2(e) folded into the score multiply)
@@ -59,7 +60,7 @@ from typing import Any
 
 from .. import variants as V
 from ..problem import Problem
-from . import compose
+from . import compose, gluon_fa3
 from .base import Candidate, Feedback
 from .codegen import HELPERS, LOG2E, Ctx, Untraceable, VariantCode, variant_code
 
@@ -69,7 +70,7 @@ __all__ = ["TemplatesProposer", "generate_source", "default_config", "normalize_
 
 _POW2 = (16, 32, 64, 128, 256)
 KNOB_VALUES: dict[str, tuple] = {
-    "path": ("prefill", "decode", "compose"),
+    "path": ("prefill", "decode", "compose", "fa3"),
     "BLOCK_M": _POW2,
     "BLOCK_N": _POW2,
     "num_warps": (2, 4, 8),
@@ -198,6 +199,8 @@ def normalize_config(problem: Problem, config: dict[str, Any] | None) -> dict[st
             raise ValueError(f"template path 'compose' does not fit {problem.variant.key} "
                              "(prefix-LM alone, prefix >= 1, prefill)")
         return {"path": "compose"}
+    if (config or {}).get("path") == "fa3":
+        return gluon_fa3.normalize(problem, config)
     cfg = default_config(problem)
     for k, val in (config or {}).items():
         if k not in KNOB_VALUES:
@@ -776,6 +779,8 @@ def generate_source(problem: Problem, config: dict[str, Any] | None = None) -> s
     cfg = normalize_config(problem, config)
     if cfg["path"] == "compose":
         return compose.generate_source(problem)
+    if cfg["path"] == "fa3":
+        return gluon_fa3.generate_source(problem, cfg)
     spec = problem.spec
     decode = cfg["path"] == "decode"
     vc = variant_code(problem.variant, Ctx(decode=decode, rel_vec=cfg["rel_vec"], rel_asm=cfg["rel_asm"]),
@@ -1009,16 +1014,17 @@ class TemplatesProposer:
         if not mine:
             # a composed form (SDPA's kernels, no compile) first: cheap to check, and where it
             # fits it is the one to beat (prefix-LM: cuDNN causal + the prefix square)
-            pool = ([{"path": "compose"}] if compose.applies(problem) else []) + spread
+            # then the FA3-structured Gluon kernels where they fit (Hopper; sliding window, ALiBi)
+            pool = ([{"path": "compose"}] if compose.applies(problem) else []) + gluon_fa3.round_one(problem) + spread
         else:
             inf = float("inf")
             ranked = sorted(enumerate(good), key=lambda t: (t[1].time_ms if t[1].time_ms is not None else inf, t[0]))
             pool = []
             for _, fb in ranked[:3]:
                 cfg = normalize_config(problem, fb.candidate.config)
-                if cfg["path"] != "compose":  # no knobs to step
+                if cfg["path"] not in ("compose", "fa3"):  # compose: no knobs; fa3: its few configs below
                     pool += _neighbours(problem, cfg)
-            pool += spread
+            pool += gluon_fa3.round_one(problem) + spread
         out: list[Candidate] = []
         for cfg in pool:
             key = _config_key(cfg)

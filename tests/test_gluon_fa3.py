@@ -1,0 +1,224 @@
+"""FA3-structured Gluon candidates (search.gluon_fa3).
+
+Gluon has no interpreter, so the CPU tests check what can be checked without a Hopper GPU: which
+problems the path applies to, its knobs, that every generated module passes the verifier's
+static check and loads through the loader, and how the proposer offers it. The ``gpu`` tests run
+the kernels on sm_90 against the float64 reference (``run_case``: NaN-poisoned output, inputs
+unchanged, flash-attention's tolerance rule) over awkward sizes, both alignments, GQA, head dims
+64 / 128, fp16 / bf16 and the transformers layout, and through the verifier.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.test_templates import make_problem, run_case
+from torch_r1attn import variants as V
+from torch_r1attn.loader import load_source_file
+from torch_r1attn.search import gluon_fa3
+from torch_r1attn.search.templates import TemplatesProposer, generate_source, normalize_config
+from torch_r1attn.verify.static import check_source
+
+FA3 = {"path": "fa3"}
+APPLY = {
+    "sw1024": V.sliding_window(1024),
+    "causal+alibi": V.causal() + V.alibi(4),
+    "sw64+alibi@br": V.sliding_window(64, "bottom_right") + V.alibi(4),
+    "causal@br+alibi": V.causal("bottom_right") + V.alibi(4),
+}
+
+
+@pytest.fixture
+def hopper(monkeypatch):
+    """Pretend the device is an sm_90 GPU (the CPU tests only generate and inspect sources)."""
+    monkeypatch.setattr(gluon_fa3, "_is_hopper", lambda device: True)
+
+
+def _prob(var, D=128, dtype=torch.bfloat16, Sq=4096, Sk=4096, Hq=4, Hkv=4, Dv=None):
+    return make_problem(var, 2, Hq, Hkv, Sq, Sk, D, Dv or D, dtype, "cuda")
+
+
+@pytest.mark.parametrize("name", list(APPLY))
+def test_applies_to_windows_and_alibi(hopper, name):
+    assert gluon_fa3.applies(_prob(APPLY[name]))
+
+
+@pytest.mark.parametrize("why,prob", [
+    ("plain causal: cuDNN's", lambda: _prob(V.causal())),
+    ("no mask", lambda: _prob(V.alibi(4))),
+    ("soft-cap", lambda: _prob(V.causal() + V.softcap(30.0))),
+    ("documents", lambda: _prob(V.causal() + V.document(torch.zeros(4096, dtype=torch.int32)))),
+    ("prefix-LM", lambda: _prob(V.prefix_lm(7))),
+    ("fp32", lambda: _prob(V.sliding_window(64), dtype=torch.float32)),
+    ("D 80", lambda: _prob(V.sliding_window(64), D=80)),
+    ("Dv != D", lambda: _prob(V.sliding_window(64), D=128, Dv=64)),
+    ("decode bucket", lambda: _prob(V.sliding_window(64), Sq=1)),
+])
+def test_refuses_what_it_does_not_implement(hopper, why, prob):
+    assert not gluon_fa3.applies(prob()), why
+
+
+def test_needs_a_hopper_device():
+    """Without the fixture: the CPU (and any non-sm_90 device) gets no fa3 path."""
+    assert not gluon_fa3.applies(make_problem(V.sliding_window(64), 1, 2, 2, 256, 256, 64, 64, torch.bfloat16, "cpu"))
+    assert not gluon_fa3.round_one(make_problem(V.sliding_window(64), 1, 2, 2, 256, 256, 64, 64, torch.bfloat16, "cpu"))
+    with pytest.raises(ValueError, match="does not fit"):
+        normalize_config(make_problem(V.sliding_window(64), 1, 2, 2, 256, 256, 64, 64, torch.bfloat16, "cpu"), FA3)
+
+
+def test_knobs_are_validated(hopper):
+    prob = _prob(V.sliding_window(1024))
+    assert normalize_config(prob, FA3) == {"path": "fa3", "block_n": 128, "stages": 3, "pingpong": False}
+    with pytest.raises(ValueError, match="takes knobs"):
+        normalize_config(prob, {"path": "fa3", "BLOCK_M": 64})  # a Triton knob
+    with pytest.raises(ValueError, match="not one of"):
+        normalize_config(prob, {"path": "fa3", "stages": 5})
+    with pytest.raises(ValueError, match="not one of"):
+        normalize_config(prob, {"path": "fa3", "pingpong": 1})
+    with pytest.raises(ValueError, match="shared memory"):  # 128-key tiles x 4 stages at D128: 288 KB
+        normalize_config(prob, {"path": "fa3", "stages": 4})
+    # at D64 the same ring fits
+    assert normalize_config(_prob(V.sliding_window(64), D=64), {"path": "fa3", "stages": 4})["stages"] == 4
+
+
+@pytest.mark.parametrize("name", list(APPLY))
+@pytest.mark.parametrize("cfg", [{}, {"pingpong": True}, {"block_n": 64, "stages": 4}], ids=["dflt", "pp", "n64s4"])
+@pytest.mark.parametrize("D,dtype,Hkv", [(128, torch.bfloat16, 4), (64, torch.float16, 1)], ids=["d128-bf16", "d64-fp16-gqa4"])
+def test_generated_module_passes_static_check_and_loads(hopper, tmp_path, name, cfg, D, dtype, Hkv):
+    var = APPLY[name]
+    prob = _prob(var, D=D, dtype=dtype, Hkv=Hkv)
+    src = generate_source(prob, {**FA3, **cfg})
+    assert check_source(src) == []
+    path = tmp_path / "fa3.py"
+    path.write_text(src)
+    assert load_source_file(path, name_hint="fa3") is not None
+    ns: dict = {}
+    for line in src.splitlines():  # the header's literals say what the kernel was built for
+        if line.startswith(("WINDOW =", "ALIBI_KEY =", "NEEDS =", "ALIGN_BOTTOM_RIGHT =")):
+            exec(line, ns)  # noqa: S102 - literals written by generate_source
+    window = next((p.size for p in var.canonical_parts if isinstance(p, V.SlidingWindow)), 0)
+    assert ns["WINDOW"] == window
+    assert ns["ALIGN_BOTTOM_RIGHT"] == (var.align == "bottom_right")
+    assert set(ns["NEEDS"]) == set(var.tensors())
+    assert (ns["ALIBI_KEY"] is not None) == any(isinstance(p, V.Alibi) for p in var.parts)
+
+
+def test_cpu_tensors_are_refused_with_a_clear_error(hopper, tmp_path):
+    prob = _prob(V.sliding_window(16), D=64, Sq=64, Sk=64)
+    path = tmp_path / "fa3.py"
+    path.write_text(generate_source(prob, FA3))
+    kern = load_source_file(path, name_hint="fa3")
+    q = torch.randn(2, 4, 64, 64, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="CUDA"):
+        kern(q, q, q, torch.empty_like(q), 0.125)
+    with pytest.raises(ValueError, match="head dim"):
+        x = torch.randn(2, 4, 64, 32, dtype=torch.bfloat16)
+        kern(x, x, x, torch.empty_like(x), 0.125)
+
+
+def test_proposer_offers_fa3_first_then_triton_and_never_repeats(hopper):
+    from tests.test_templates import _fb
+
+    prob = _prob(V.sliding_window(1024))
+    prop = TemplatesProposer()
+    first = prop.propose(prob, [], 5)
+    paths = [c.config["path"] for c in first]
+    assert paths[:3] == ["fa3", "fa3", "fa3"] and paths[3:] == ["prefill", "prefill"]
+    hist = [_fb(c, ok=True, ms=1.0 + i) for i, c in enumerate(first)]
+    later = prop.propose(prob, hist, 8)
+    assert later and all(c.config["path"] == "prefill" for c in later)  # fa3's configs were all tried
+    seen = {tuple(sorted(c.config.items())) for c in first}
+    assert not any(tuple(sorted(c.config.items())) in seen for c in later)
+
+
+def test_proposer_on_the_cpu_has_no_fa3():
+    prob = make_problem(V.sliding_window(8), 1, 2, 2, 64, 64, 16, 16, torch.float16, "cpu")
+    assert all(c.config["path"] != "fa3" for c in TemplatesProposer().propose(prob, [], 6))
+
+
+# ------------------------------------------------------------------------------------ GPU
+def _need_hopper():
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    if torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("the fa3 path needs an sm_90 (Hopper) GPU")
+
+
+GPU_VARIANTS = {
+    "sw1024": V.sliding_window(1024),
+    "sw37": V.sliding_window(37),
+    "sw200+alibi": V.sliding_window(200) + V.alibi(8),
+    "causal+alibi": V.causal() + V.alibi(8),
+    "sw100@br": V.sliding_window(100, "bottom_right"),
+    "causal@br+alibi": V.causal("bottom_right") + V.alibi(8),
+}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", list(GPU_VARIANTS))
+@pytest.mark.parametrize("Sq,Sk", [(1000, 1000), (4096, 4096), (77, 300), (300, 77), (1, 129), (129, 1)],
+                         ids=["1000", "4096", "sq<sk", "sq>sk", "sq1", "sk1"])
+def test_gpu_fa3_matches_reference(tmp_path, name, Sq, Sk):
+    _need_hopper()
+    run_case(tmp_path, GPU_VARIANTS[name], B=2, Hq=8, Hkv=8, Sq=Sq, Sk=Sk, D=128, dtype=torch.bfloat16,
+             config=FA3, device="cuda", name=f"fa3_{Sq}_{Sk}")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("cfg", [{"pingpong": True}, {"block_n": 64, "stages": 4}, {"stages": 2}],
+                         ids=["pingpong", "n64s4", "s2"])
+@pytest.mark.parametrize("D,Hkv,dtype", [(128, 2, torch.bfloat16), (64, 8, torch.float16), (64, 1, torch.bfloat16)],
+                         ids=["d128-gqa4-bf16", "d64-fp16", "d64-gqa8-bf16"])
+def test_gpu_fa3_configs_heads_dtypes(tmp_path, cfg, D, Hkv, dtype):
+    _need_hopper()
+    for name, var in (("sw", V.sliding_window(333)), ("alibi", V.causal() + V.alibi(8))):
+        run_case(tmp_path, var, B=3, Hq=8, Hkv=Hkv, Sq=1531, Sk=1531, D=D, dtype=dtype, config={**FA3, **cfg},
+                 device="cuda", name=f"fa3_{name}")
+
+
+@pytest.mark.gpu
+def test_gpu_fa3_transformers_layout_returns_its_output(tmp_path):
+    """(B, S, H, D) views: the module copies the inputs to TMA's layout and returns a new output."""
+    _need_hopper()
+    run_case(tmp_path, V.sliding_window(64) + V.alibi(4), B=2, Hq=4, Hkv=2, Sq=700, Sk=700, D=128,
+             dtype=torch.bfloat16, config=FA3, device="cuda", layout="bshd")
+
+
+@pytest.mark.gpu
+def test_gpu_fa3_misaligned_views(tmp_path):
+    """Inputs that start at an odd element (16-byte TMA alignment broken) are copied, not misread."""
+    _need_hopper()
+    var = V.sliding_window(128)
+    prob = make_problem(var, 1, 2, 2, 256, 256, 64, 64, torch.bfloat16, "cuda")
+    path = tmp_path / "fa3.py"
+    path.write_text(generate_source(prob, FA3))
+    kern = load_source_file(path, name_hint="fa3")
+    from tests.helpers import assert_close_to_ref
+    from torch_r1attn.reference import eager_attention, reference_attention
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    buf = torch.randn(3 * 2 * 256 * 64 + 1, device="cuda", dtype=torch.bfloat16, generator=g)
+    q, k, v = (buf[1 + i * 2 * 256 * 64: 1 + (i + 1) * 2 * 256 * 64].view(1, 2, 256, 64) for i in range(3))
+    obuf = torch.full((2 * 256 * 64 + 3,), float("nan"), device="cuda", dtype=torch.bfloat16)
+    out = obuf[3:].view(1, 2, 256, 64)
+    res = kern(q, k, v, out, 0.125)
+    ref = reference_attention(q, k, v, var, 0.125, dtype=torch.float64)
+    assert_close_to_ref(res, ref, baseline=eager_attention(q, k, v, var, 0.125, compute_dtype=torch.bfloat16))
+
+
+@pytest.mark.gpu
+def test_gpu_fa3_through_the_verifier(cache_dir):
+    """The verifier's full protocol (subprocess worker, edge shapes of the bucket, written /
+    inputs-unchanged / determinism, timing) passes an fa3 candidate."""
+    _need_hopper()
+    from torch_r1attn.search.base import Candidate
+    from torch_r1attn.verify import verify
+
+    prob = make_problem((V.causal() + V.alibi(8)).to("cuda"), 2, 8, 8, 1024, 1024, 128, 128, torch.bfloat16, "cuda")
+    cand = Candidate(source=generate_source(prob, FA3), language="triton", proposer="templates",
+                     config=dict(normalize_config(prob, FA3)), provenance={"template": "fa3"})
+    res = verify(cand, prob)
+    assert res.ok and res.verdict == "pass", res.feedback
+    assert {"values", "written", "inputs_unchanged", "deterministic"} <= {c.name for c in res.checks}
+    assert res.time_ms is not None and res.time_ms > 0
