@@ -177,7 +177,8 @@ def explicit_configs(prob, overrides: list) -> list:
     out = []
     for o in overrides:
         try:
-            cfg = normalize_config(prob, {**default_config(prob), **o})
+            # a non-Triton path (compose, fa3) takes only its own knobs
+            cfg = normalize_config(prob, o if o.get("path") in ("compose", "fa3") else {**default_config(prob), **o})
         except ValueError as e:
             print(f"  --overrides: skipping {o}: {e}")
             continue
