@@ -31,8 +31,31 @@ APPLY = {
 
 @pytest.fixture
 def hopper(monkeypatch):
-    """Pretend the device is an sm_90 GPU (the CPU tests only generate and inspect sources)."""
+    """Pretend the device is an sm_90 GPU (the CPU tests only generate and inspect sources), and
+    lift the small-problem gate (tested on its own below)."""
     monkeypatch.setattr(gluon_fa3, "_is_hopper", lambda device: True)
+    monkeypatch.setattr(gluon_fa3, "MIN_GPU_MS", 0.0)
+
+
+@pytest.fixture
+def no_work_gate(monkeypatch):
+    """GPU correctness tests run small shapes, which the proposer would not offer fa3 for."""
+    monkeypatch.setattr(gluon_fa3, "MIN_GPU_MS", 0.0)
+
+
+def test_small_problems_keep_the_triton_template(monkeypatch):
+    """fa3's host cost (~0.2 ms per call on the H200's host) would make a small call host-bound; the
+    search times GPU work only, so the gate is in applies(): the anchors pass, small shapes do not."""
+    monkeypatch.setattr(gluon_fa3, "_is_hopper", lambda device: True)
+    big = make_problem(V.sliding_window(1024), 4, 32, 32, 4096, 4096, 128, 128, torch.bfloat16, "cuda")
+    mid = make_problem(V.causal() + V.alibi(32), 8, 32, 32, 2048, 2048, 64, 64, torch.bfloat16, "cuda")
+    small = make_problem(V.causal() + V.alibi(8), 1, 8, 8, 1024, 1024, 128, 128, torch.bfloat16, "cuda")
+    assert gluon_fa3.estimated_gpu_ms(big) == pytest.approx(0.687, abs=0.01)  # measured 0.617 (session 11)
+    assert gluon_fa3.applies(big) and gluon_fa3.applies(mid)
+    assert gluon_fa3.estimated_gpu_ms(small) < gluon_fa3.MIN_GPU_MS and not gluon_fa3.applies(small)
+    assert not gluon_fa3.round_one(small)
+    with pytest.raises(ValueError, match="ms of GPU work"):
+        normalize_config(small, FA3)
 
 
 def _prob(var, D=128, dtype=torch.bfloat16, Sq=4096, Sk=4096, Hq=4, Hkv=4, Dv=None):
@@ -159,7 +182,7 @@ GPU_VARIANTS = {
 @pytest.mark.parametrize("name", list(GPU_VARIANTS))
 @pytest.mark.parametrize("Sq,Sk", [(1000, 1000), (4096, 4096), (77, 300), (300, 77), (17, 129), (129, 1)],
                          ids=["1000", "4096", "sq<sk", "sq>sk", "sq17", "sk1"])
-def test_gpu_fa3_matches_reference(tmp_path, name, Sq, Sk):
+def test_gpu_fa3_matches_reference(tmp_path, no_work_gate, name, Sq, Sk):
     _need_hopper()
     run_case(tmp_path, GPU_VARIANTS[name], B=2, Hq=8, Hkv=8, Sq=Sq, Sk=Sk, D=128, dtype=torch.bfloat16,
              config=FA3, device="cuda", name=f"fa3_{Sq}_{Sk}")
@@ -170,7 +193,7 @@ def test_gpu_fa3_matches_reference(tmp_path, name, Sq, Sk):
                          ids=["pingpong", "n64s4", "s2"])
 @pytest.mark.parametrize("D,Hkv,dtype", [(128, 2, torch.bfloat16), (64, 8, torch.float16), (64, 1, torch.bfloat16)],
                          ids=["d128-gqa4-bf16", "d64-fp16", "d64-gqa8-bf16"])
-def test_gpu_fa3_configs_heads_dtypes(tmp_path, cfg, D, Hkv, dtype):
+def test_gpu_fa3_configs_heads_dtypes(tmp_path, no_work_gate, cfg, D, Hkv, dtype):
     _need_hopper()
     for name, var in (("sw", V.sliding_window(333)), ("alibi", V.causal() + V.alibi(8))):
         run_case(tmp_path, var, B=3, Hq=8, Hkv=Hkv, Sq=1531, Sk=1531, D=D, dtype=dtype, config={**FA3, **cfg},
@@ -178,7 +201,7 @@ def test_gpu_fa3_configs_heads_dtypes(tmp_path, cfg, D, Hkv, dtype):
 
 
 @pytest.mark.gpu
-def test_gpu_fa3_transformers_layout_returns_its_output(tmp_path):
+def test_gpu_fa3_transformers_layout_returns_its_output(tmp_path, no_work_gate):
     """(B, S, H, D) views: the module copies the inputs to TMA's layout and returns a new output."""
     _need_hopper()
     run_case(tmp_path, V.sliding_window(64) + V.alibi(4), B=2, Hq=4, Hkv=2, Sq=700, Sk=700, D=128,
@@ -186,7 +209,7 @@ def test_gpu_fa3_transformers_layout_returns_its_output(tmp_path):
 
 
 @pytest.mark.gpu
-def test_gpu_fa3_misaligned_views(tmp_path):
+def test_gpu_fa3_misaligned_views(tmp_path, no_work_gate):
     """Inputs that start at an odd element (16-byte TMA alignment broken) are copied, not misread."""
     _need_hopper()
     var = V.sliding_window(128)
@@ -208,7 +231,7 @@ def test_gpu_fa3_misaligned_views(tmp_path):
 
 
 @pytest.mark.gpu
-def test_gpu_fa3_through_the_verifier(cache_dir):
+def test_gpu_fa3_through_the_verifier(cache_dir, no_work_gate):
     """The verifier's full protocol (subprocess worker, edge shapes of the bucket, written /
     inputs-unchanged / determinism, timing) passes an fa3 candidate."""
     _need_hopper()

@@ -40,7 +40,7 @@ import torch
 from .. import variants as V
 from ..problem import Problem
 
-__all__ = ["applies", "normalize", "round_one", "generate_source", "KNOBS"]
+__all__ = ["applies", "normalize", "round_one", "generate_source", "estimated_gpu_ms", "KNOBS", "MIN_GPU_MS"]
 
 # knob -> allowed values; the first is the default
 # (own names: the templates proposer's failure statistics must not mix them with the Triton knobs)
@@ -75,17 +75,37 @@ def _is_hopper(device) -> bool:
         return False
 
 
+# The module's host cost per call: 199 us on the H200's host (session 11 bench, direct call: 62 us
+# in the wrapper, 137 in Gluon's launcher with four tensor descriptors; the wrapper's share has
+# since dropped by ~50 us, the layouts now built once), against 33 us for a Triton template. The
+# search times GPU work only, so below about this much GPU work a call would be host-bound and
+# the kernel a regression in a real model's loop: smaller problems keep the Triton template.
+MIN_GPU_MS = 0.25
+_EST_TFLOPS = 400.0  # what this kernel sustains on an H200 (session 11: 390-466 effective)
+
+
+def estimated_gpu_ms(problem: Problem) -> float:
+    """GPU time of ``problem``'s representative shape at :data:`_EST_TFLOPS` (the FLOPs of the
+    visible (q, k) pairs: a window's ``min(W, Sk)`` keys per row, causal's half)."""
+    B, Hq, _, Sq, Sk = problem.shape
+    window = (_parts(problem) or (0, None))[0]
+    pairs = Sq * min(window, Sk) if window else Sq * Sk / 2
+    return B * Hq * pairs * 4 * problem.spec.head_dim / (_EST_TFLOPS * 1e12) * 1e3
+
+
 def applies(problem: Problem) -> bool:
     """True when this module can write a kernel for ``problem``: prefill, fp16/bf16, D == Dv in
     (64, 128), a causal or sliding-window mask with optional ALiBi (plain causal is left to cuDNN),
-    and a Hopper (sm_90) device."""
+    enough work to hide its host cost (:data:`MIN_GPU_MS`), and a Hopper (sm_90) device."""
     spec = problem.spec
     form = _parts(problem)
     if form is None or (form == (0, None)):
         return False
     if spec.dtype not in ("fp16", "bf16") or spec.head_dim != spec.head_dim_v or spec.head_dim not in (64, 128):
         return False
-    return spec.sq_bucket > 16 and _is_hopper(problem.device)
+    if spec.sq_bucket <= 16 or estimated_gpu_ms(problem) < MIN_GPU_MS:
+        return False
+    return _is_hopper(problem.device)
 
 
 def _smem(cfg: dict[str, Any], d: int) -> int:
@@ -97,8 +117,9 @@ def normalize(problem: Problem, config: dict[str, Any] | None) -> dict[str, Any]
     """``{"path": "fa3", ...}`` with every knob set; ValueError for an unknown knob, a value out of
     range, a ring that does not fit shared memory, or a problem :func:`applies` refuses."""
     if not applies(problem):
-        raise ValueError(f"template path 'fa3' does not fit {problem.variant.key} on {problem.device} "
-                         "(causal / sliding window / ALiBi, fp16 or bf16, D 64 or 128, prefill, sm_90)")
+        raise ValueError(f"template path 'fa3' does not fit {problem.variant.key} at {problem.shape} on "
+                         f"{problem.device} (causal / sliding window / ALiBi, fp16 or bf16, D 64 or 128, prefill, "
+                         f">= {MIN_GPU_MS} ms of GPU work, sm_90)")
     cfg: dict[str, Any] = {"path": "fa3", **{k: v[0] for k, v in KNOBS.items()}}
     for k, val in (config or {}).items():
         if k == "path":
@@ -379,9 +400,15 @@ def _tma_ready(t):
     return t if t.storage_offset() % 8 == 0 else t.clone()
 
 
-def _desc(t2, rows, d, dtype):
-    layout = gl.NVMMASharedLayout.get_default_for([rows, d], dtype)
-    return TensorDescriptor(t2, [t2.shape[0], t2.shape[1]], [t2.stride(0), t2.stride(1)], [rows, d], layout)
+# shared-memory layouts of the TMA tiles, built once (12 us each on the host per call otherwise)
+_GDT = gl.bfloat16 if DTYPE is torch.bfloat16 else gl.float16
+_Q_LAYOUT = gl.NVMMASharedLayout.get_default_for([BLOCK_M // 2, HEAD_DIM], _GDT)
+_KV_LAYOUT = gl.NVMMASharedLayout.get_default_for([BLOCK_N, HEAD_DIM], _GDT)
+
+
+def _desc(t2, rows, layout):
+    return TensorDescriptor(t2, [t2.shape[0], t2.shape[1]], [t2.stride(0), 1], [rows, HEAD_DIM],
+                            layout)
 
 
 def forward(q, k, v, out, scale, **variant_tensors):
@@ -403,7 +430,6 @@ def forward(q, k, v, out, scale, **variant_tensors):
         raise ValueError("this kernel runs on CUDA (Hopper) only")
     if Sq == 0 or Sk == 0 or B * H == 0:
         raise ValueError("empty attention call")
-    gdt = gl.bfloat16 if DTYPE is torch.bfloat16 else gl.float16
     qc, kc, vc = _tma_ready(q), _tma_ready(k), _tma_ready(v)
     oc = out if (out.is_contiguous() and out.storage_offset() % 8 == 0) else torch.empty_like(qc)
     if ALIBI_KEY:
@@ -412,10 +438,10 @@ def forward(q, k, v, out, scale, **variant_tensors):
         slopes = qc  # never read (ALIBI off)
     offset = Sk - Sq if ALIGN_BOTTOM_RIGHT else 0
     qk_scale = float(scale) * 1.4426950408889634
-    q_desc = _desc(qc.view(B * H * Sq, D), BLOCK_M // 2, D, gdt)
-    o_desc = _desc(oc.view(B * H * Sq, D), BLOCK_M // 2, D, gdt)
-    k_desc = _desc(kc.view(B * HKV * Sk, D), BLOCK_N, D, gdt)
-    v_desc = _desc(vc.view(B * HKV * Sk, D), BLOCK_N, D, gdt)
+    q_desc = _desc(qc.view(B * H * Sq, D), BLOCK_M // 2, _Q_LAYOUT)
+    o_desc = _desc(oc.view(B * H * Sq, D), BLOCK_M // 2, _Q_LAYOUT)
+    k_desc = _desc(kc.view(B * HKV * Sk, D), BLOCK_N, _KV_LAYOUT)
+    v_desc = _desc(vc.view(B * HKV * Sk, D), BLOCK_N, _KV_LAYOUT)
     grid = (B * H, -(-Sq // BLOCK_M))
     _fa3_fwd[grid](q_desc, k_desc, v_desc, o_desc, oc, slopes, qk_scale, Sq, Sk, offset, H,
                    GQA_G=GQA, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, HEAD_D=D, NUM_STAGES=NUM_STAGES, WINDOW=WINDOW,
