@@ -32,7 +32,8 @@ export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 OUT=${OUT:-$PWD/bench_out}
 mkdir -p "$OUT"
 fresh_cache() { export R1ATTN_CACHE_DIR=${cache:-$(mktemp -d)}; mkdir -p "$R1ATTN_CACHE_DIR"; chmod 700 "$R1ATTN_CACHE_DIR"; }
 # cache_tgz=FILE: start from an earlier call's export; drop="uri-substring ...": its entries to search
-# again (e.g. after a new candidate family)
+# again (e.g. after a new candidate family); each substring must name one entry (`cache clear`
+# refuses an ambiguous key: "sq4096_sk4096_sw1024", not "sw1024")
 import_cache() {
   [ -z "${cache_tgz:-}" ] || python3 -m torch_r1attn.cli cache import "$cache_tgz"
   for d in ${drop:-}; do python3 -m torch_r1attn.cli cache clear "$d" || true; done
