@@ -90,6 +90,15 @@ def test_needs_a_hopper_device():
         normalize_config(make_problem(V.sliding_window(64), 1, 2, 2, 256, 256, 64, 64, torch.bfloat16, "cpu"), FA3)
 
 
+def test_needs_triton_with_gluon(hopper, monkeypatch):
+    """An older Triton without Gluon's Hopper API: the path is not offered (its modules would not
+    import, and every search would spend its first candidates on them)."""
+    prob = _prob(V.sliding_window(1024))
+    assert gluon_fa3.applies(prob)
+    monkeypatch.setattr(gluon_fa3, "_gluon_available", lambda: False)
+    assert not gluon_fa3.applies(prob) and not gluon_fa3.round_one(prob)
+
+
 def test_knobs_are_validated(hopper):
     prob = _prob(V.sliding_window(1024))
     assert normalize_config(prob, FA3) == {"path": "fa3", "block_n": 128, "stages": 3, "pingpong": False}

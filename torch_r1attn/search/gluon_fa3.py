@@ -65,6 +65,16 @@ def _parts(problem: Problem):
     return (window, alibi) if masked else None
 
 
+def _gluon_available() -> bool:
+    """Whether this Triton has the Gluon Hopper API the module imports (Triton >= 3.5)."""
+    try:
+        from triton.experimental.gluon.language.nvidia.hopper import warpgroup_mma  # noqa: F401
+        from triton.experimental.gluon.nvidia.hopper import TensorDescriptor  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def _is_hopper(device) -> bool:
     dev = torch.device(device)
     if dev.type != "cuda" or not torch.cuda.is_available():
@@ -105,7 +115,7 @@ def applies(problem: Problem) -> bool:
         return False
     if spec.sq_bucket <= 16 or estimated_gpu_ms(problem) < MIN_GPU_MS:
         return False
-    return _is_hopper(problem.device)
+    return _is_hopper(problem.device) and _gluon_available()
 
 
 def _smem(cfg: dict[str, Any], d: int) -> int:
