@@ -136,17 +136,83 @@ def test_generated_module_passes_static_check_and_loads(hopper, tmp_path, name, 
     assert (ns["ALIBI_KEY"] is not None) == any(isinstance(p, V.Alibi) for p in var.parts)
 
 
-def test_cpu_tensors_are_refused_with_a_clear_error(hopper, tmp_path):
-    prob = _prob(V.sliding_window(16), D=64, Sq=64, Sk=64)
+def _module(tmp_path, var, B=2, Hq=8, Hkv=2, S=300, D=64, dtype=torch.float16, cfg=None):
+    from torch_r1attn.loader import import_kernel_file
+
     path = tmp_path / "fa3.py"
-    path.write_text(generate_source(prob, FA3))
-    kern = load_source_file(path, name_hint="fa3")
-    q = torch.randn(2, 4, 64, 64, dtype=torch.bfloat16)
+    path.write_text(generate_source(make_problem(var, B, Hq, Hkv, S, S, D, D, dtype, "cuda"), {**FA3, **(cfg or {})}))
+    return import_kernel_file(path, "fa3")
+
+
+def test_cpu_tensors_are_refused_with_a_clear_error(hopper, tmp_path):
+    mod = _module(tmp_path, V.sliding_window(16))
+    q = torch.randn(2, 8, 64, 64, dtype=torch.float16)
+    k = torch.randn(2, 2, 64, 64, dtype=torch.float16)
     with pytest.raises(ValueError, match="CUDA"):
-        kern(q, q, q, torch.empty_like(q), 0.125)
-    with pytest.raises(ValueError, match="head dim"):
-        x = torch.randn(2, 4, 64, 32, dtype=torch.bfloat16)
-        kern(x, x, x, torch.empty_like(x), 0.125)
+        mod.forward(q, k, k, torch.empty_like(q), 0.125)
+
+
+def test_launch_plan(hopper, tmp_path):
+    """The host side of a launch (grid, arguments, constexprs, TMA descriptors, which tensor is
+    written), checked without a GPU: GQA, a ragged last query block, the bottom-right offset, ALiBi's
+    slopes, a negative scale."""
+    mod = _module(tmp_path, V.sliding_window(1024), B=2, Hq=8, Hkv=2, S=300, D=64)
+    q = torch.randn(2, 8, 300, 64, dtype=torch.float16)
+    k = torch.randn(2, 2, 300, 64, dtype=torch.float16)
+    out = torch.empty_like(q)
+    grid, args, consts, oc = mod._plan(q, k, k, out, 0.125, {})
+    assert grid == (16, 3) and oc is out
+    q_desc, k_desc, v_desc, o_desc = args[:4]
+    assert args[4] is out and tuple(args[7:]) == (300, 300, 0, 8)
+    assert q_desc.shape == [2 * 8 * 300, 64] and q_desc.block_shape == [64, 64] and q_desc.strides == [64, 1]
+    assert k_desc.shape == [2 * 2 * 300, 64] and k_desc.block_shape == [128, 64]
+    assert q_desc.base.data_ptr() == q.data_ptr() and k_desc.base.data_ptr() == k.data_ptr()  # no copies
+    assert consts == dict(GQA_G=4, BLOCK_M=128, BLOCK_N=128, HEAD_D=64, NUM_STAGES=3, WINDOW=1024, ALIBI=False,
+                          SCALE_MAX=True, EVEN_M=False, PINGPONG=False)
+    assert mod._plan(q, k, k, out, -0.125, {})[2]["SCALE_MAX"] is False  # the max trick needs scale > 0
+    q256 = torch.randn(2, 8, 256, 64, dtype=torch.float16)
+    k256 = torch.randn(2, 2, 256, 64, dtype=torch.float16)
+    assert mod._plan(q256, k256, k256, torch.empty_like(q256), 0.1, {})[2]["EVEN_M"] is True
+
+    var = V.causal("bottom_right") + V.alibi(8)
+    mod = _module(tmp_path, var, B=1, Hq=8, Hkv=8, S=300, D=128, dtype=torch.bfloat16, cfg={"pingpong": True})
+    q = torch.randn(1, 8, 77, 128, dtype=torch.bfloat16)
+    k = torch.randn(1, 8, 300, 128, dtype=torch.bfloat16)
+    grid, args, consts, oc = mod._plan(q, k, k, torch.empty_like(q), 0.088, var.tensors())
+    assert grid == (8, 1) and tuple(args[7:]) == (77, 300, 223, 8)
+    assert args[5] is var.tensors()[mod.ALIBI_KEY]
+    assert consts["ALIBI"] and not consts["SCALE_MAX"] and consts["PINGPONG"] and consts["GQA_G"] == 1
+
+
+def test_launch_plan_copies_what_tma_cannot_read(hopper, tmp_path):
+    """The transformers layout is copied and the result returned in a new tensor; an input that
+    starts off a 16-byte boundary is copied; the caller's out is never written then."""
+    mod = _module(tmp_path, V.sliding_window(64), B=2, Hq=4, Hkv=4, S=100, D=64, dtype=torch.bfloat16)
+    q = torch.randn(2, 100, 4, 64, dtype=torch.bfloat16).transpose(1, 2)
+    out = torch.empty(2, 100, 4, 64, dtype=torch.bfloat16).transpose(1, 2)
+    grid, args, consts, oc = mod._plan(q, q, q, out, 0.125, {})
+    assert oc is not out and oc.is_contiguous() and oc.shape == out.shape and args[4] is oc
+    assert args[0].base.is_contiguous() and args[0].base.data_ptr() != q.data_ptr()
+    buf = torch.randn(2 * 4 * 100 * 64 + 3, dtype=torch.bfloat16)
+    qm = buf[3:].view(2, 4, 100, 64)  # contiguous, 6 bytes past the allocation's start
+    grid, args, consts, oc = mod._plan(qm, qm, qm, torch.empty_like(qm), 0.125, {})
+    assert args[0].base.storage_offset() == 0 and torch.equal(args[0].base.view(2, 4, 100, 64), qm)
+
+
+@pytest.mark.parametrize("why,call,err", [
+    ("head dim", lambda q, k: (q[..., :32], k[..., :32]), "head dim"),
+    ("gqa ratio", lambda q, k: (q[:, :6], k), "query heads per kv head"),
+    ("k/v lengths", lambda q, k: (q, k[:, :, :10]), "do not fit"),
+    ("3-D", lambda q, k: (q[0], k), "4-D"),
+    ("dtype", lambda q, k: (q.float(), k), "built for"),
+    ("empty", lambda q, k: (q[:, :, :0], k), "empty"),
+])
+def test_launch_plan_refuses_bad_calls(hopper, tmp_path, why, call, err):
+    mod = _module(tmp_path, V.sliding_window(16))
+    q, k = call(torch.randn(2, 8, 64, 64, dtype=torch.float16), torch.randn(2, 2, 64, 64, dtype=torch.float16))
+    v = k if k.dim() != 4 or k.shape[2] == 64 else torch.randn(2, 2, 64, 64, dtype=torch.float16)
+    with pytest.raises((ValueError, TypeError), match=err):
+        mod._plan(q, k, v, torch.empty(q.shape[:-1] + (q.shape[-1],), dtype=q.dtype), 0.125, {})
 
 
 def test_proposer_offers_fa3_first_then_triton_and_never_repeats(hopper):

@@ -421,9 +421,9 @@ def _desc(t2, rows, layout):
                             layout)
 
 
-def forward(q, k, v, out, scale, **variant_tensors):
-    """Writes attention of (q, k, v) into out (see SUPPORTS); when out is not (B, H, S, D) contiguous
-    and aligned, returns the result in a new contiguous tensor instead (the loader's contract)."""
+def _plan(q, k, v, out, scale, variant_tensors):
+    """The launch of one call, without launching: (grid, arguments, constexprs, the output tensor)
+    (host-side only, so the CPU tests check it)."""
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4 or out.dim() != 4:
         raise ValueError("q, k, v, out must be 4-D (B, H, S, D)")
     B, H, Sq, D = q.shape
@@ -436,8 +436,6 @@ def forward(q, k, v, out, scale, **variant_tensors):
                          f"got {D} and {H}/{HKV}")
     if q.dtype is not DTYPE or k.dtype is not DTYPE or v.dtype is not DTYPE or out.dtype is not DTYPE:
         raise TypeError(f"this kernel is built for {DTYPE}, got {q.dtype}/{k.dtype}/{v.dtype}/{out.dtype}")
-    if q.device.type != "cuda":
-        raise ValueError("this kernel runs on CUDA (Hopper) only")
     if Sq == 0 or Sk == 0 or B * H == 0:
         raise ValueError("empty attention call")
     qc, kc, vc = _tma_ready(q), _tma_ready(k), _tma_ready(v)
@@ -453,10 +451,20 @@ def forward(q, k, v, out, scale, **variant_tensors):
     k_desc = _desc(kc.view(B * HKV * Sk, D), BLOCK_N, _KV_LAYOUT)
     v_desc = _desc(vc.view(B * HKV * Sk, D), BLOCK_N, _KV_LAYOUT)
     grid = (B * H, -(-Sq // BLOCK_M))
-    _fa3_fwd[grid](q_desc, k_desc, v_desc, o_desc, oc, slopes, qk_scale, Sq, Sk, offset, H,
-                   GQA_G=GQA, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, HEAD_D=D, NUM_STAGES=NUM_STAGES, WINDOW=WINDOW,
-                   ALIBI=bool(ALIBI_KEY), SCALE_MAX=(qk_scale > 0 and not ALIBI_KEY), EVEN_M=(Sq % BLOCK_M == 0),
-                   PINGPONG=PINGPONG, num_warps=4)
+    args = (q_desc, k_desc, v_desc, o_desc, oc, slopes, qk_scale, Sq, Sk, offset, H)
+    consts = dict(GQA_G=GQA, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, HEAD_D=D, NUM_STAGES=NUM_STAGES, WINDOW=WINDOW,
+                  ALIBI=bool(ALIBI_KEY), SCALE_MAX=(qk_scale > 0 and not ALIBI_KEY), EVEN_M=(Sq % BLOCK_M == 0),
+                  PINGPONG=PINGPONG)
+    return grid, args, consts, oc
+
+
+def forward(q, k, v, out, scale, **variant_tensors):
+    """Writes attention of (q, k, v) into out (see SUPPORTS); when out is not (B, H, S, D) contiguous
+    and aligned, returns the result in a new contiguous tensor instead (the loader's contract)."""
+    if q.device.type != "cuda":
+        raise ValueError("this kernel runs on CUDA (Hopper) only")
+    grid, args, consts, oc = _plan(q, k, v, out, scale, variant_tensors)
+    _fa3_fwd[grid](*args, **consts, num_warps=4)
     return None if oc is out else oc
 '''
 
