@@ -99,6 +99,30 @@ def test_needs_triton_with_gluon(hopper, monkeypatch):
     assert not gluon_fa3.applies(prob) and not gluon_fa3.round_one(prob)
 
 
+def test_several_windows_take_the_smallest(hopper):
+    """Two windows AND to the smaller one, whatever their order (canonical_parts sorts by key as a
+    string: "sw100" after "sw1000")."""
+    for var in (V.sliding_window(100) + V.sliding_window(1000), V.sliding_window(1000) + V.sliding_window(100),
+                V.sliding_window(13) + V.sliding_window(12) + V.alibi(4)):
+        window = min(p.size for p in var.parts if isinstance(p, V.SlidingWindow))
+        src = generate_source(_prob(var), FA3)
+        assert f"\nWINDOW = {window}\n" in src
+
+
+def test_later_rounds_skip_a_stored_fa3_config_that_no_longer_applies(hopper, monkeypatch):
+    """A search history with an fa3 winner, read where fa3 no longer applies (another Triton, the
+    work gate): the proposer goes on with Triton configs instead of raising."""
+    from tests.test_templates import _fb
+
+    prob = _prob(V.sliding_window(1024))
+    first = TemplatesProposer().propose(prob, [], 4)
+    hist = [_fb(c, ok=True, ms=1.0 + i) for i, c in enumerate(first)]
+    assert first[0].config["path"] == "fa3"
+    monkeypatch.setattr(gluon_fa3, "_gluon_available", lambda: False)
+    later = TemplatesProposer().propose(prob, hist, 4)
+    assert later and all(c.config["path"] == "prefill" for c in later)
+
+
 def test_knobs_are_validated(hopper):
     prob = _prob(V.sliding_window(1024))
     assert normalize_config(prob, FA3) == {"path": "fa3", "block_n": 128, "stages": 3, "pingpong": False}
@@ -108,6 +132,8 @@ def test_knobs_are_validated(hopper):
         normalize_config(prob, {"path": "fa3", "stages": 5})
     with pytest.raises(ValueError, match="not one of"):
         normalize_config(prob, {"path": "fa3", "pingpong": 1})
+    with pytest.raises(ValueError, match="not one of"):
+        normalize_config(prob, {"path": "fa3", "block_n": 128.0})
     with pytest.raises(ValueError, match="shared memory"):  # 128-key tiles x 4 stages at D128: 288 KB
         normalize_config(prob, {"path": "fa3", "stages": 4})
     # at D64 the same ring fits
@@ -124,7 +150,7 @@ def test_generated_module_passes_static_check_and_loads(hopper, tmp_path, name, 
     assert check_source(src) == []
     path = tmp_path / "fa3.py"
     path.write_text(src)
-    assert load_source_file(path, name_hint="fa3") is not None
+    load_source_file(path, name_hint="fa3")  # imports, finds forward and SUPPORTS
     ns: dict = {}
     for line in src.splitlines():  # the header's literals say what the kernel was built for
         if line.startswith(("WINDOW =", "ALIBI_KEY =", "NEEDS =", "ALIGN_BOTTOM_RIGHT =")):
@@ -185,8 +211,8 @@ def test_launch_plan(hopper, tmp_path):
 
 
 def test_launch_plan_copies_what_tma_cannot_read(hopper, tmp_path):
-    """The transformers layout is copied and the result returned in a new tensor; an input that
-    starts off a 16-byte boundary is copied; the caller's out is never written then."""
+    """The transformers layout is copied and the result goes to a new tensor (which forward
+    returns); an input that starts off a 16-byte boundary is copied."""
     mod = _module(tmp_path, V.sliding_window(64), B=2, Hq=4, Hkv=4, S=100, D=64, dtype=torch.bfloat16)
     q = torch.randn(2, 100, 4, 64, dtype=torch.bfloat16).transpose(1, 2)
     out = torch.empty(2, 100, 4, 64, dtype=torch.bfloat16).transpose(1, 2)
@@ -206,6 +232,7 @@ def test_launch_plan_copies_what_tma_cannot_read(hopper, tmp_path):
     ("3-D", lambda q, k: (q[0], k), "4-D"),
     ("dtype", lambda q, k: (q.float(), k), "built for"),
     ("empty", lambda q, k: (q[:, :, :0], k), "empty"),
+    ("devices", lambda q, k: (q, k.to("meta")), "one device"),
 ])
 def test_launch_plan_refuses_bad_calls(hopper, tmp_path, why, call, err):
     mod = _module(tmp_path, V.sliding_window(16))

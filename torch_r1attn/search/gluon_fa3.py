@@ -23,7 +23,10 @@ A query block with no visible key (a bottom-right call with ``Sq > Sk``) runs on
 tile and writes zeros, the reference's convention.
 
 Hopper only (``wgmma``/``setmaxnreg`` need sm_90a): :func:`applies` asks the device, and the
-generated module refuses anything else. It cannot run on the CPU (no interpreter for Gluon), so
+generated module refuses anything else. Known limit: the 2-D TMA descriptors span every head, so
+the keys past ``Sk`` in a head's last tile are the next head's rows; they are masked to ``p = 0``,
+but a NaN or inf there would still reach this head through ``0 * inf`` in P.V (rank-3
+descriptors, zero-filled past ``Sk``, would remove it). It cannot run on the CPU (no interpreter for Gluon), so
 the CPU tests check the generated module's shape (static check, knobs, applicability) and the GPU
 tests (``pytest -m gpu``) its numbers. Layouts: (B, H, S, D) contiguous tensors go straight to TMA
 descriptors; any other layout is copied to that first (correct, slower: the transformers layout
@@ -56,8 +59,8 @@ def _parts(problem: Problem):
     for p in parts:
         if isinstance(p, V.Causal):
             masked = True
-        elif isinstance(p, V.SlidingWindow):
-            masked, window = True, p.size
+        elif isinstance(p, V.SlidingWindow):  # several windows: their AND is the smallest
+            masked, window = True, (min(window, p.size) if window else p.size)
         elif isinstance(p, V.Alibi) and alibi is None:
             alibi = p
         else:
@@ -136,7 +139,7 @@ def normalize(problem: Problem, config: dict[str, Any] | None) -> dict[str, Any]
             continue
         if k not in KNOBS:
             raise ValueError(f"template path 'fa3' takes knobs {sorted(KNOBS)}, not {k!r}")
-        if val not in KNOBS[k] or isinstance(val, bool) != isinstance(KNOBS[k][0], bool):
+        if val not in KNOBS[k] or type(val) is not type(KNOBS[k][0]):  # 128.0 or 1 for True: refused
             raise ValueError(f"fa3 knob {k}={val!r} is not one of {KNOBS[k]}")
         cfg[k] = val
     need = _smem(cfg, problem.spec.head_dim)
@@ -271,7 +274,7 @@ def _consumer(q_smem_all, k_smem, v_smem, q_bar, k_ready, v_ready, kv_empty, pp_
     m0 = q_start + WG * BLOCK_M_WG
     qpos = m0 + gl.arange(0, BLOCK_M_WG, layout=row_s) + offset
     cols0 = gl.arange(0, BLOCK_N, layout=col_s)
-    col_ref = q_start + offset
+    col_ref = gl.minimum(q_start + offset, seq_k - 1)  # near the visible keys (Sq >> Sk: no cancellation)
     if ALIBI:
         slope = gl.load(slopes_ptr + head).to(gl.float32) * 1.4426950408889634
     else:
@@ -439,6 +442,11 @@ def _plan(q, k, v, out, scale, variant_tensors):
         raise TypeError(f"this kernel is built for {DTYPE}, got {q.dtype}/{k.dtype}/{v.dtype}/{out.dtype}")
     if Sq == 0 or Sk == 0 or B * H == 0:
         raise ValueError("empty attention call")
+    dev = q.device
+    if k.device != dev or v.device != dev or out.device != dev:
+        raise ValueError(f"q, k, v, out must be on one device, got {dev}/{k.device}/{v.device}/{out.device}")
+    if ALIBI_KEY and variant_tensors[ALIBI_KEY].device != dev:
+        raise ValueError(f"alibi slopes are on {variant_tensors[ALIBI_KEY].device}, queries on {dev}")
     qc, kc, vc = _tma_ready(q), _tma_ready(k), _tma_ready(v)
     oc = out if (out.is_contiguous() and out.storage_offset() % 8 == 0) else torch.empty_like(qc)
     if ALIBI_KEY:

@@ -1007,7 +1007,10 @@ class TemplatesProposer:
             ranked = sorted(enumerate(good), key=lambda t: (t[1].time_ms if t[1].time_ms is not None else inf, t[0]))
             pool = []
             for _, fb in ranked[:3]:
-                cfg = normalize_config(problem, fb.candidate.config)
+                try:
+                    cfg = normalize_config(problem, fb.candidate.config)
+                except ValueError:  # a path that no longer applies (another Triton, the fa3 work gate)
+                    continue
                 if cfg["path"] not in ("compose", "fa3"):  # compose: no knobs; fa3: its few configs below
                     pool += _neighbours(problem, cfg)
             pool += gluon_fa3.round_one(problem) + spread
