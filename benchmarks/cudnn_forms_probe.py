@@ -33,7 +33,26 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from benchmarks.common import SHAPES, bench_gpu, environment, out_dir, write_json
+from benchmarks.common import SHAPES, bench_gpu, environment, out_dir, packed_docs, write_json
+from torch_r1attn import variants as V
+
+
+def _sets(B: int, H: int, S: int, D: int) -> list[tuple]:
+    """Three (q, k, v) sets of bf16 normals (timing rotates them)."""
+    g = torch.Generator(device="cuda").manual_seed(0)
+    return [tuple(torch.randn(B, H, S, D, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(3))
+            for _ in range(3)]
+
+
+def _measure(row: dict, name: str, fn, sets: list, rep_ms: float, err=None) -> None:
+    """row[name]: fn's protocol-2 ms over ``sets`` (first, ``row[name + "_maxerr"] = err(fn(*sets[0]))``
+    when ``err`` is given), or the error it raised (a probe records what failed and goes on)."""
+    try:
+        if err is not None:
+            row[f"{name}_maxerr"] = err(fn(*sets[0]))
+        row[name] = bench_gpu(fn, sets, rep_ms=rep_ms)
+    except Exception as e:  # noqa: BLE001
+        row[name] = f"{type(e).__name__}: {str(e)[:300]}"
 
 
 def alibi_ref(q, k, v, slopes, scale):
@@ -66,33 +85,21 @@ def aug(q, k, v, slopes, scale, pad_to: int, pad_v: bool):
 
 
 def probe(B: int, H: int, S: int, D: int, rep_ms: float) -> dict:
-    g = torch.Generator(device="cuda").manual_seed(0)
-    sets = [tuple(torch.randn(B, H, S, D, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(3))
-            for _ in range(3)]
+    sets = _sets(B, H, S, D)
     scale = D ** -0.5
-    slopes = torch.tensor([2.0 ** (-8.0 * (h + 1) / H) for h in range(H)], device="cuda")
+    slopes = V.alibi_slopes(H).to("cuda")
     row: dict = {"B": B, "H": H, "S": S, "D": D}
     ref = alibi_ref(*sets[0], slopes, scale)
 
-    def check(name, out):
-        err = (out[:1].float() - ref).abs().max().item()
-        row[f"{name}_maxerr"] = err
-        return err
-
-    def timed(name, fn):
-        try:
-            row[name] = bench_gpu(fn, sets, rep_ms=rep_ms)
-        except Exception as e:  # noqa: BLE001 - a probe: record what failed
-            row[name] = f"{type(e).__name__}: {str(e)[:300]}"
+    def err(out):
+        return (out[:1].float() - ref).abs().max().item()
 
     def cudnn(q, k, v, **kw):
         with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
             return F.scaled_dot_product_attention(q, k, v, scale=scale, **kw)
 
-    timed("causal_D", lambda q, k, v: cudnn(q, k, v, is_causal=True))
-    for pad in (D + 8, D + 16, 192 if D < 192 else None):
-        if pad is None:
-            continue
+    _measure(row, "causal_D", lambda q, k, v: cudnn(q, k, v, is_causal=True), sets, rep_ms)
+    for pad in (D + 8, D + 16) + ((192,) if D < 192 else ()):
         for pad_v in (True, False):
             name = f"alibi_aug{pad}_{'vpad' if pad_v else 'v' + str(D)}"
 
@@ -101,30 +108,22 @@ def probe(B: int, H: int, S: int, D: int, rep_ms: float) -> dict:
                 o = cudnn(q2, k2, v2, is_causal=True)
                 return o[..., :D] if pad_v else o
 
-            try:
-                check(name, fn(*sets[0]))
-            except Exception as e:  # noqa: BLE001
-                row[name] = f"{type(e).__name__}: {str(e)[:300]}"
+            _measure(row, name, fn, sets, rep_ms, err)
+            if not isinstance(row[name], float):
                 continue
-            timed(name, fn)
             q2, k2, v2 = aug(*sets[0], slopes, scale, pad, pad_v)
-            timed(name + "_cudnn_only", lambda q, k, v, q2=q2, k2=k2, v2=v2: cudnn(q2, k2, v2, is_causal=True))
+            _measure(row, name + "_cudnn_only", lambda q, k, v, q2=q2, k2=k2, v2=v2: cudnn(q2, k2, v2, is_causal=True),
+                     sets, rep_ms)
             if pad == D + 8 and pad_v:
-                timed("aug_only", lambda q, k, v, pad=pad: aug(q, k, v, slopes, scale, pad, True))
+                _measure(row, "aug_only", lambda q, k, v, pad=pad: aug(q, k, v, slopes, scale, pad, True), sets, rep_ms)
     j = torch.arange(S, device="cuda").float()
     for bdt in (torch.float32, torch.bfloat16):
-        name = f"alibi_bias_private_{str(bdt).split('.')[-1]}"
         bias = (slopes[:, None] * j[None, :]).to(bdt)[None, :, None, :].expand(B, H, S, S)
 
         def fn(q, k, v, bias=bias):
             return torch.ops.aten._scaled_dot_product_cudnn_attention(q, k, v, bias, False, 0.0, True, False,
                                                                       scale=scale)[0]
-        try:
-            check(name, fn(*sets[0]))
-        except Exception as e:  # noqa: BLE001
-            row[name] = f"{type(e).__name__}: {str(e)[:300]}"
-            continue
-        timed(name, fn)
+        _measure(row, f"alibi_bias_private_{str(bdt).split('.')[-1]}", fn, sets, rep_ms, err)
 
     # sliding window: cuDNN causal on the W x W diagonal chunks, with its log-sum-exp
     W = 1024
@@ -144,17 +143,14 @@ def probe(B: int, H: int, S: int, D: int, rep_ms: float) -> dict:
         s = s.masked_fill(torch.ones(W, W, dtype=torch.bool, device="cuda").triu(1), float("-inf"))
         row["sw_chunk_lse_maxerr"] = (lse.reshape(B, H * nch, W)[0, 0].float() - torch.logsumexp(s, -1)[0, 0]).abs().max().item()
         row["sw_chunk_out_maxerr"] = (o[0, 0].float() - torch.matmul(torch.softmax(s, -1), v)[0, 0]).abs().max().item()
-        timed("sw_chunks_lse", lambda q, k, v: chunks(q, k, v)[0])
-        timed("sw_chunks_nolse", lambda q, k, v: cudnn(*(t.view(B, H * nch, W, D) for t in (q, k, v)), is_causal=True))
+        _measure(row, "sw_chunks_lse", lambda q, k, v: chunks(q, k, v)[0], sets, rep_ms)
+        _measure(row, "sw_chunks_nolse",
+                 lambda q, k, v: cudnn(*(t.view(B, H * nch, W, D) for t in (q, k, v)), is_causal=True), sets, rep_ms)
     return row
 
 
 def probe_docs(B: int, H: int, S: int, D: int, rep_ms: float) -> dict:
-    from benchmarks.common import packed_docs
-
-    g = torch.Generator(device="cuda").manual_seed(0)
-    sets = [tuple(torch.randn(B, H, S, D, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(3))
-            for _ in range(3)]
+    sets = _sets(B, H, S, D)
     scale = D ** -0.5
     ids = packed_docs(S, 8, device="cuda")
     starts = torch.nonzero(torch.diff(ids, prepend=ids[:1] - 1)).flatten()  # first index of each doc
@@ -166,11 +162,8 @@ def probe_docs(B: int, H: int, S: int, D: int, rep_ms: float) -> dict:
     allowed = (ids[None, :] == ids[:, None]) & (i[None, :] <= i[:, None])
     ref = torch.softmax((q0 @ k0.T * scale).masked_fill(~allowed, float("-inf")), -1) @ v0
 
-    def timed(name, fn):
-        try:
-            row[name] = bench_gpu(fn, sets, rep_ms=rep_ms)
-        except Exception as e:  # noqa: BLE001
-            row[name] = f"{type(e).__name__}: {str(e)[:300]}"
+    def err(out):
+        return (out[0, 0].float() - ref).abs().max().item()
 
     # one-head THD: sequences (b, h, doc) in memory order
     base = (torch.arange(B * H, device="cuda") * S)[:, None] + starts[None, :]
@@ -187,31 +180,21 @@ def probe_docs(B: int, H: int, S: int, D: int, rep_ms: float) -> dict:
     baseB = (torch.arange(B, device="cuda") * S)[:, None] + starts[None, :]
     cumB = torch.cat([baseB.flatten(), torch.tensor([B * S], device="cuda")]).to(torch.int32)
 
-    def thdH(q, k, v, copy=True):
+    def thdH(q, k, v):
         qq, kk, vv = (t.transpose(1, 2).reshape(B * S, H, D) for t in (q, k, v))
         o = torch.ops.aten._cudnn_attention_forward(qq, kk, vv, None, cumB, cumB, mx, mx, False, 0.0, True, False,
                                                     scale=scale)[0]
         return o.view(B, S, H, D).transpose(1, 2)
 
-    for name, fn in (("docs_thd1", thd1), ("docs_thdH", thdH)):
-        try:
-            out = fn(*sets[0])
-            row[name + "_shape"] = list(out.shape)
-            row[name + "_maxerr"] = (out[0, 0].float() - ref).abs().max().item()
-        except Exception as e:  # noqa: BLE001
-            row[name] = f"{type(e).__name__}: {str(e)[:400]}"
-            continue
-        timed(name, fn)
-    tr = [tuple(t.transpose(1, 2).contiguous() for t in s) for s in sets]
-
     def thdH_nocopy(q, k, v):
         qq, kk, vv = (t.view(B * S, H, D) for t in (q, k, v))
         return torch.ops.aten._cudnn_attention_forward(qq, kk, vv, None, cumB, cumB, mx, mx, False, 0.0, True,
                                                        False, scale=scale)[0]
-    try:
-        row["docs_thdH_nocopy"] = bench_gpu(thdH_nocopy, tr, rep_ms=rep_ms)
-    except Exception as e:  # noqa: BLE001
-        row["docs_thdH_nocopy"] = f"{type(e).__name__}: {str(e)[:300]}"
+
+    _measure(row, "docs_thd1", thd1, sets, rep_ms, err)
+    _measure(row, "docs_thdH", thdH, sets, rep_ms, err)
+    _measure(row, "docs_thdH_nocopy", thdH_nocopy, [tuple(t.transpose(1, 2).contiguous() for t in s) for s in sets],
+             rep_ms)
     return row
 
 
