@@ -140,8 +140,9 @@ case "${step:-tests}" in
     dflt='[{}, {"tma": true}, {"num_stages": 2}, {"BLOCK_M": 128, "num_warps": 8},
       {"BLOCK_M": 128, "num_warps": 8, "warp_specialize": true},
       {"BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 8, "num_stages": 2}]'
-    timeout ${t_window:-240} python3 benchmarks/tune_templates.py --timing both --rep-ms 50 \
-      --sustained-ms ${sustained_ms:-1000} --overrides "${overrides:-$dflt}" \
+    # ab_gen=PATH: an earlier gluon_fa3.py; its fa3 configs are timed next to the current ones
+    timeout ${t_window:-240} python3 benchmarks/tune_templates.py --timing both --rep-ms ${rep_ms:-50} \
+      --sustained-ms ${sustained_ms:-1000} --overrides "${overrides:-$dflt}" ${ab_gen:+--ab-generator "$ab_gen"} \
       --variants ${variants:-sliding_window,prefix_lm,alibi_causal} 2>&1 | tee "$OUT/window.log" | grep -E "cfg|sus|^S" || true
     mv "$OUT/tune_templates.json" "$OUT/window.json" 2>/dev/null || true ;;
   multi)

@@ -169,8 +169,26 @@ def _sustained_str(su: dict) -> str:
     return f"sus={su['ms']:.3f}" + (f" {su['mj_per_call']:.1f}mJ {su['watts']:.0f}W" if su["watts"] else "")
 
 
-def explicit_configs(prob, overrides: list) -> list:
-    """One candidate per override dict, each applied to the default config (``--overrides``)."""
+def load_generator(path: str):
+    """An alternative revision of a candidate generator (e.g. ``gluon_fa3.py`` from an earlier
+    commit), imported inside ``torch_r1attn.search`` so its relative imports resolve
+    (``--ab-generator``)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("torch_r1attn.search._ab_generator", path)
+    if spec is None or spec.loader is None:
+        raise SystemExit(f"--ab-generator: cannot import {path}")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    if not hasattr(mod, "generate_source"):
+        raise SystemExit(f"--ab-generator: {path} has no generate_source(problem, config)")
+    return mod
+
+
+def explicit_configs(prob, overrides: list, ab_generator=None) -> list:
+    """One candidate per override dict, each applied to the default config (``--overrides``).
+    With ``ab_generator``, each fa3 config also comes from that generator revision, right before
+    the current one's (config key ``"generator": "ab"``), so both are timed in the same run."""
     from torch_r1attn.search.base import Candidate
     from torch_r1attn.search.templates import default_config, generate_source, normalize_config
 
@@ -182,6 +200,12 @@ def explicit_configs(prob, overrides: list) -> list:
         except ValueError as e:
             print(f"  --overrides: skipping {o}: {e}")
             continue
+        if ab_generator is not None and cfg.get("path") == "fa3":
+            try:
+                out.append(Candidate(source=ab_generator.generate_source(prob, cfg), proposer="templates",
+                                     config={**cfg, "generator": "ab"}))
+            except ValueError as e:
+                print(f"  --ab-generator: skipping {o}: {e}")
         out.append(Candidate(source=generate_source(prob, cfg), proposer="templates", config=cfg))
     return out
 
@@ -223,6 +247,9 @@ def main() -> int:
     ap.add_argument("--overrides", default="",
                     help='JSON list of config overrides on the default config, instead of the round-one spread '
                          '(e.g. \'[{}, {"BLOCK_M": 128, "num_warps": 8}]\')')
+    ap.add_argument("--ab-generator", default="",
+                    help="path of another revision of search/gluon_fa3.py: every fa3 override is also generated "
+                         "by it and timed next to the current one (before/after of a kernel change, one run)")
     ap.add_argument("--sustained-ms", type=float, default=0.0,
                     help="also time each config and peer back to back for this long: ms per call, mJ per call "
                          "and watts (what a long job sees under the power cap)")
@@ -235,6 +262,9 @@ def main() -> int:
         raise SystemExit(f"--overrides is not JSON: {e}")
     if overrides is not None and not (isinstance(overrides, list) and all(isinstance(o, dict) for o in overrides)):
         raise SystemExit("--overrides needs a JSON list of objects")
+    ab_gen = load_generator(args.ab_generator) if args.ab_generator else None
+    if ab_gen is not None and overrides is None:
+        raise SystemExit("--ab-generator needs --overrides (the fa3 configs to compare)")
     energy = Energy() if args.sustained_ms > 0 and not args.dry_run else None
     out_dir = Path(os.environ.get("OUT") or "bench_out")
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -260,7 +290,7 @@ def main() -> int:
             spec = AttentionSpec.from_call(meta[0], meta[1], meta[1], variant.key)
             spec = AttentionSpec(**{**spec.key_dict(), "example": (B, Hq, Hkv, Sq, Sk)})
             prob = Problem(spec=spec, variant=variant, shape=(B, Hq, Hkv, Sq, Sk), device="cuda")
-            cands = (explicit_configs(prob, overrides) if overrides is not None
+            cands = (explicit_configs(prob, overrides, ab_gen) if overrides is not None
                      else TemplatesProposer().propose(prob, [], n_cfg))
             if args.ab:
                 cands = ab_pairs(prob, cands, args.ab)

@@ -185,20 +185,23 @@ def _producer(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_ready, v_
 
 
 @gluon.jit
-def _softmax_tile(qk, m_i, l_i, n, qpos, cols0, col_ref, seq_k, qk_scale, slope,
+def _softmax_tile(qk, m_i, l_i, n, qpos, cols0, bias0, col_ref, seq_k, qk_scale, slope,
                   BLOCK_N: gl.constexpr, WINDOW: gl.constexpr, ALIBI: gl.constexpr, SCALE_MAX: gl.constexpr,
                   MASKED: gl.constexpr):
     """One online-softmax step on a score tile (fp32, the wgmma accumulator layout), exp2 domain.
     Returns (p, m_new, l_new, alpha)."""
-    cols = n * BLOCK_N + cols0
     if ALIBI:
-        # key-only ALiBi (slope pre-multiplied by log2 e), relative to a per-CTA column: any
-        # per-row constant cancels in softmax, this one keeps the term small
-        qk = qk * qk_scale + gl.expand_dims(slope * (cols - col_ref).to(gl.float32), 0)
+        # key-only ALiBi (slope pre-multiplied by log2 e): the in-tile part slope * j0 is a
+        # loop-invariant column vector (one FMA per element, no int->float per tile); the tile's
+        # offset slope * (n * BLOCK_N - col_ref) is one scalar, folded into the row max instead of
+        # added to every element. Relative to a per-CTA column near the diagonal: the offset of
+        # the tiles that matter is small, and any per-row constant cancels in softmax.
+        qk = qk * qk_scale + gl.expand_dims(bias0, 0)
+        shift = slope * (n * BLOCK_N - col_ref).to(gl.float32)
     elif not SCALE_MAX:
         qk = qk * qk_scale
     if MASKED:
-        c2 = gl.expand_dims(cols, 0)
+        c2 = gl.expand_dims(n * BLOCK_N + cols0, 0)
         p2 = gl.expand_dims(qpos, 1)
         keep = (c2 <= p2) & (c2 < seq_k)
         if WINDOW > 0:
@@ -208,6 +211,9 @@ def _softmax_tile(qk, m_i, l_i, n, qpos, cols0, col_ref, seq_k, qk_scale, slope,
         # scale > 0: the row max of the raw scores, scaled once per row; one FMA per element
         m_new = gl.maximum(m_i, gl.max(qk, 1) * qk_scale)
         p = gl.exp2(qk * qk_scale - gl.expand_dims(m_new, 1))
+    elif ALIBI:
+        m_new = gl.maximum(m_i, gl.max(qk, 1) + shift)
+        p = gl.exp2(qk - gl.expand_dims(m_new - shift, 1))
     else:
         m_new = gl.maximum(m_i, gl.max(qk, 1))
         p = gl.exp2(qk - gl.expand_dims(m_new, 1))
@@ -217,11 +223,26 @@ def _softmax_tile(qk, m_i, l_i, n, qpos, cols0, col_ref, seq_k, qk_scale, slope,
 
 
 @gluon.jit
-def _kv_loop(acc, p_op, m_i, l_i, n_start, n_end, lo, q_smem, k_smem, v_smem, k_ready, v_ready, kv_empty, pp_bars,
-             qpos, cols0, col_ref, seq_k, qk_scale, slope, zero_s,
+def _after_softmax_wait(l_i):
+    """Returns ``l_i`` unchanged, after a wgmma wait that depends on it. ptxas schedules the P.V
+    wait by its own latency model and put it above the softmax's exp2s (SASS, Triton 3.6: every
+    exp2 after it), so the softmax no longer ran under its own warpgroup's P.V. A wait predicated on
+    the row sums (true for every value a sum of exp2s can hold, NaN included: the predicate is
+    false only for the bit pattern 0xffffffff) cannot move above them, and ptxas keeps the real
+    wait after it. Correctness never depends on it: the real wait follows."""
+    return gl.inline_asm_elementwise(
+        "{ .reg .pred pw; setp.ne.b32 pw, $1, -1; @pw wgmma.wait_group.sync.aligned 0; mov.b32 $0, $1; }",
+        "=r,r", [l_i], dtype=gl.float32, is_pure=False, pack=1)
+
+
+@gluon.jit
+def _kv_loop(acc, p_op, alpha, m_i, l_i, n_start, n_end, lo, q_smem, k_smem, v_smem, k_ready, v_ready, kv_empty,
+             pp_bars, qpos, cols0, bias0, col_ref, seq_k, qk_scale, slope, zero_s,
              WG: gl.constexpr, BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr, WINDOW: gl.constexpr,
              ALIBI: gl.constexpr, SCALE_MAX: gl.constexpr, PINGPONG: gl.constexpr, MASKED: gl.constexpr):
-    """Key tiles [n_start, n_end): tile n's Q.K^T and tile n-1's P.V in flight together."""
+    """Key tiles [n_start, n_end): tile n's Q.K^T and tile n-1's P.V in flight together, tile n's
+    softmax under tile n-1's P.V (FA3's order: O is rescaled by tile n-1's alpha before that P.V is
+    issued, so the only work after the P.V wait is the conversion of P into the next operand)."""
     p_layout: gl.constexpr = p_op.type.layout
     row_o: gl.constexpr = gl.SliceLayout(1, acc.type.layout)
     for n in range(n_start, n_end):
@@ -230,6 +251,11 @@ def _kv_loop(acc, p_op, m_i, l_i, n_start, n_end, lo, q_smem, k_smem, v_smem, k_
         ph = (it // NUM_STAGES) & 1
         ps = (it - 1) % NUM_STAGES
         pph = ((it - 1) // NUM_STAGES) & 1
+        # release tile it-2's K/V stage (its P.V was waited for at the end of the last iteration).
+        # Here, not right after that wait: the arrive comes with a warpgroup bar.sync, which ptxas
+        # hoists, and the P.V wait with it, above the softmax's exp2s (SASS, Triton 3.6): the
+        # softmax would no longer run under its own warpgroup's P.V.
+        mbarrier.arrive(kv_empty.index((it + NUM_STAGES - 2) % NUM_STAGES), count=1, pred=it >= 2)
         if PINGPONG:
             # turn-taking for MMA issue: WG0's block t waits for WG1's arrival t-1, WG1's for WG0's t
             if WG == 0:
@@ -238,19 +264,18 @@ def _kv_loop(acc, p_op, m_i, l_i, n_start, n_end, lo, q_smem, k_smem, v_smem, k_
                 mbarrier.wait(pp_bars.index(1), it & 1)
         mbarrier.wait(k_ready.index(s), ph)
         qk = warpgroup_mma(q_smem, k_smem.index(s).permute((1, 0)), zero_s, use_acc=False, is_async=True)
+        acc = acc * gl.expand_dims(gl.convert_layout(alpha, row_o), 1)
         mbarrier.wait(v_ready.index(ps), pph)
         acc = warpgroup_mma(p_op, v_smem.index(ps), acc, is_async=True)
         if PINGPONG:
             mbarrier.arrive(pp_bars.index(1 - WG), count=1)
         qk = warpgroup_mma_wait(1, deps=(qk, ))
-        p, m_i, l_i, alpha = _softmax_tile(qk, m_i, l_i, n, qpos, cols0, col_ref, seq_k, qk_scale, slope, BLOCK_N,
-                                           WINDOW, ALIBI, SCALE_MAX, MASKED)
-        p_new = gl.convert_layout(p.to(k_smem.dtype), p_layout)
+        p, m_i, l_i, alpha = _softmax_tile(qk, m_i, l_i, n, qpos, cols0, bias0, col_ref, seq_k, qk_scale, slope,
+                                           BLOCK_N, WINDOW, ALIBI, SCALE_MAX, MASKED)
+        l_i = _after_softmax_wait(l_i)
         acc, p_op = warpgroup_mma_wait(0, deps=(acc, p_op))
-        mbarrier.arrive(kv_empty.index(ps), count=1)
-        acc = acc * gl.expand_dims(gl.convert_layout(alpha, row_o), 1)
-        p_op = p_new
-    return acc, p_op, m_i, l_i
+        p_op = gl.convert_layout(p.to(k_smem.dtype), p_layout)
+    return acc, p_op, alpha, m_i, l_i
 
 
 @gluon.jit
@@ -279,6 +304,7 @@ def _consumer(q_smem_all, k_smem, v_smem, q_bar, k_ready, v_ready, kv_empty, pp_
         slope = gl.load(slopes_ptr + head).to(gl.float32) * 1.4426950408889634
     else:
         slope = 0.0
+    bias0 = slope * cols0.to(gl.float32)  # ALiBi's in-tile column term (unused otherwise)
     # finite start: a row masked so far never computes (-inf) - (-inf)
     m_i = gl.full([BLOCK_M_WG], -1.0e30, gl.float32, layout=row_s)
     l_i = gl.zeros([BLOCK_M_WG], gl.float32, layout=row_s)
@@ -296,26 +322,31 @@ def _consumer(q_smem_all, k_smem, v_smem, q_bar, k_ready, v_ready, kv_empty, pp_
     if PINGPONG:
         mbarrier.arrive(pp_bars.index(1 - WG), count=1)
     qk = warpgroup_mma_wait(0, deps=(qk, ))
-    p, m_i, l_i, alpha = _softmax_tile(qk, m_i, l_i, lo, qpos, cols0, col_ref, seq_k, qk_scale, slope, BLOCK_N,
-                                       WINDOW, ALIBI, SCALE_MAX, True)
+    p, m_i, l_i, alpha = _softmax_tile(qk, m_i, l_i, lo, qpos, cols0, bias0, col_ref, seq_k, qk_scale, slope,
+                                       BLOCK_N, WINDOW, ALIBI, SCALE_MAX, True)
     p_op = gl.convert_layout(p.to(k_smem.dtype), p_layout)
 
     # [lo+1, lo_full) masked, [.., hi_full) unmasked, [.., hi) masked
     t1 = gl.maximum(lo + 1, lo_full)
     t2 = gl.maximum(lo + 1, hi_full)
-    acc, p_op, m_i, l_i = _kv_loop(acc, p_op, m_i, l_i, lo + 1, lo_full, lo, q_smem, k_smem, v_smem, k_ready, v_ready,
-                                   kv_empty, pp_bars, qpos, cols0, col_ref, seq_k, qk_scale, slope, zero_s, WG,
-                                   BLOCK_N, NUM_STAGES, WINDOW, ALIBI, SCALE_MAX, PINGPONG, True)
-    acc, p_op, m_i, l_i = _kv_loop(acc, p_op, m_i, l_i, t1, hi_full, lo, q_smem, k_smem, v_smem, k_ready, v_ready,
-                                   kv_empty, pp_bars, qpos, cols0, col_ref, seq_k, qk_scale, slope, zero_s, WG,
-                                   BLOCK_N, NUM_STAGES, WINDOW, ALIBI, SCALE_MAX, PINGPONG, False)
-    acc, p_op, m_i, l_i = _kv_loop(acc, p_op, m_i, l_i, t2, hi, lo, q_smem, k_smem, v_smem, k_ready, v_ready,
-                                   kv_empty, pp_bars, qpos, cols0, col_ref, seq_k, qk_scale, slope, zero_s, WG,
-                                   BLOCK_N, NUM_STAGES, WINDOW, ALIBI, SCALE_MAX, PINGPONG, True)
+    acc, p_op, alpha, m_i, l_i = _kv_loop(acc, p_op, alpha, m_i, l_i, lo + 1, lo_full, lo, q_smem, k_smem, v_smem,
+                                          k_ready, v_ready, kv_empty, pp_bars, qpos, cols0, bias0, col_ref, seq_k,
+                                          qk_scale, slope, zero_s, WG, BLOCK_N, NUM_STAGES, WINDOW, ALIBI,
+                                          SCALE_MAX, PINGPONG, True)
+    acc, p_op, alpha, m_i, l_i = _kv_loop(acc, p_op, alpha, m_i, l_i, t1, hi_full, lo, q_smem, k_smem, v_smem,
+                                          k_ready, v_ready, kv_empty, pp_bars, qpos, cols0, bias0, col_ref, seq_k,
+                                          qk_scale, slope, zero_s, WG, BLOCK_N, NUM_STAGES, WINDOW, ALIBI,
+                                          SCALE_MAX, PINGPONG, False)
+    acc, p_op, alpha, m_i, l_i = _kv_loop(acc, p_op, alpha, m_i, l_i, t2, hi, lo, q_smem, k_smem, v_smem,
+                                          k_ready, v_ready, kv_empty, pp_bars, qpos, cols0, bias0, col_ref, seq_k,
+                                          qk_scale, slope, zero_s, WG, BLOCK_N, NUM_STAGES, WINDOW, ALIBI,
+                                          SCALE_MAX, PINGPONG, True)
 
     # epilogue: the last tile's P.V
     ps = (n_tiles - 1) % NUM_STAGES
     pph = ((n_tiles - 1) // NUM_STAGES) & 1
+    mbarrier.arrive(kv_empty.index((n_tiles + NUM_STAGES - 2) % NUM_STAGES), count=1, pred=n_tiles >= 2)
+    acc = acc * gl.expand_dims(gl.convert_layout(alpha, row_o), 1)
     mbarrier.wait(v_ready.index(ps), pph)
     acc = warpgroup_mma(p_op, v_smem.index(ps), acc, is_async=True)
     acc, p_op = warpgroup_mma_wait(0, deps=(acc, p_op))
