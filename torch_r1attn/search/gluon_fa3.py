@@ -375,8 +375,14 @@ def _fa3_fwd(q_desc, k_desc, v_desc, o_desc, out_ptr, slopes_ptr, qk_scale, seq_
              NUM_STAGES: gl.constexpr, WINDOW: gl.constexpr, ALIBI: gl.constexpr, SCALE_MAX: gl.constexpr,
              EVEN_M: gl.constexpr, PINGPONG: gl.constexpr):
     BLOCK_M_WG: gl.constexpr = BLOCK_M // 2
-    off_bh = gl.program_id(0)
-    pid_m = gl.num_programs(1) - 1 - gl.program_id(1)  # heaviest query blocks first
+    # one flat grid, query blocks fastest: the CTAs that run at the same time are the query blocks
+    # of a few heads, which share those heads' K/V in L2 (with heads fastest, every CTA read its
+    # K/V from HBM: ~4.4 GB per causal call at S4096, the kernel was bandwidth-bound), heaviest
+    # query block of each head first
+    n_m = (seq_q + BLOCK_M - 1) // BLOCK_M
+    pid = gl.program_id(0)
+    off_bh = pid // n_m
+    pid_m = n_m - 1 - pid % n_m
     head = off_bh % H
     kv_bh = (off_bh // H) * (H // GQA_G) + head // GQA_G
     q_start = pid_m * BLOCK_M
@@ -490,7 +496,7 @@ def _plan(q, k, v, out, scale, variant_tensors):
     o_desc = _desc(oc.view(B * H * Sq, D), BLOCK_M // 2, _Q_LAYOUT)
     k_desc = _desc(kc.view(B * HKV * Sk, D), BLOCK_N, _KV_LAYOUT)
     v_desc = _desc(vc.view(B * HKV * Sk, D), BLOCK_N, _KV_LAYOUT)
-    grid = (B * H, -(-Sq // BLOCK_M))
+    grid = (B * H * -(-Sq // BLOCK_M),)  # flat: no 65535 limit on B * H
     args = (q_desc, k_desc, v_desc, o_desc, oc, slopes, qk_scale, Sq, Sk, offset, H)
     consts = dict(GQA_G=GQA, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, HEAD_D=D, NUM_STAGES=NUM_STAGES, WINDOW=WINDOW,
                   ALIBI=bool(ALIBI_KEY), SCALE_MAX=(qk_scale > 0 and not ALIBI_KEY), EVEN_M=(Sq % BLOCK_M == 0),
