@@ -26,6 +26,8 @@ APPLY = {
     "causal+alibi": V.causal() + V.alibi(4),
     "sw64+alibi@br": V.sliding_window(64, "bottom_right") + V.alibi(4),
     "causal@br+alibi": V.causal("bottom_right") + V.alibi(4),
+    "prefix1024": V.prefix_lm(1024),
+    "prefix100@br+alibi": V.prefix_lm(100, "bottom_right") + V.alibi(4),
 }
 
 
@@ -72,7 +74,7 @@ def test_applies_to_windows_and_alibi(hopper, name):
     ("no mask", lambda: _prob(V.alibi(4))),
     ("soft-cap", lambda: _prob(V.causal() + V.softcap(30.0))),
     ("documents", lambda: _prob(V.causal() + V.document(torch.zeros(4096, dtype=torch.int32)))),
-    ("prefix-LM", lambda: _prob(V.prefix_lm(7))),
+    ("prefix-LM under a causal mask: plain causal", lambda: _prob(V.causal() + V.prefix_lm(7))),
     ("fp32", lambda: _prob(V.sliding_window(64), dtype=torch.float32)),
     ("D 80", lambda: _prob(V.sliding_window(64), D=80)),
     ("Dv != D", lambda: _prob(V.sliding_window(64), D=128, Dv=64)),
@@ -106,7 +108,20 @@ def test_several_windows_take_the_smallest(hopper):
                 V.sliding_window(13) + V.sliding_window(12) + V.alibi(4)):
         window = min(p.size for p in var.parts if isinstance(p, V.SlidingWindow))
         src = generate_source(_prob(var), FA3)
-        assert f"\nWINDOW = {window}\n" in src
+        assert f"\nWINDOW, PREFIX = {window}, 0\n" in src
+
+
+def test_prefix_lm_parts(hopper):
+    """A prefix-LM mask is a causal mask whose diagonal never drops below the prefix: its length is a
+    constant of the module; two prefixes AND to the shorter; under a causal or sliding-window mask
+    the prefix adds nothing and is dropped (plain causal is cuDNN's; a window keeps its kernel)."""
+    src = generate_source(_prob(V.prefix_lm(1024) + V.alibi(4)), FA3)
+    assert "\nWINDOW, PREFIX = 0, 1024\n" in src and "ALIBI_KEY = None" not in src
+    assert "\nWINDOW, PREFIX = 0, 300\n" in generate_source(_prob(V.prefix_lm(1000) + V.prefix_lm(300)), FA3)
+    assert "\nWINDOW, PREFIX = 64, 0\n" in generate_source(_prob(V.sliding_window(64) + V.prefix_lm(300)), FA3)
+    # the work estimate counts the prefix square: causal's half plus half of prefix^2
+    base = gluon_fa3.estimated_gpu_ms(_prob(V.causal() + V.alibi(4)))
+    assert gluon_fa3.estimated_gpu_ms(_prob(V.prefix_lm(1024))) == pytest.approx(base * (1 + 1024 ** 2 / 4096 ** 2))
 
 
 def test_later_rounds_skip_a_stored_fa3_config_that_no_longer_applies(hopper, monkeypatch):
@@ -153,10 +168,11 @@ def test_generated_module_passes_static_check_and_loads(hopper, tmp_path, name, 
     load_source_file(path, name_hint="fa3")  # imports, finds forward and SUPPORTS
     ns: dict = {}
     for line in src.splitlines():  # the header's literals say what the kernel was built for
-        if line.startswith(("WINDOW =", "ALIBI_KEY =", "NEEDS =", "ALIGN_BOTTOM_RIGHT =")):
+        if line.startswith(("WINDOW, PREFIX =", "ALIBI_KEY =", "NEEDS =", "ALIGN_BOTTOM_RIGHT =")):
             exec(line, ns)  # noqa: S102 - literals written by generate_source
     window = next((p.size for p in var.canonical_parts if isinstance(p, V.SlidingWindow)), 0)
-    assert ns["WINDOW"] == window
+    prefix = next((p.prefix_len for p in var.canonical_parts if isinstance(p, V.PrefixLM)), 0)
+    assert ns["WINDOW"] == window and ns["PREFIX"] == prefix
     assert ns["ALIGN_BOTTOM_RIGHT"] == (var.align == "bottom_right")
     assert set(ns["NEEDS"]) == set(var.tensors())
     assert (ns["ALIBI_KEY"] is not None) == any(isinstance(p, V.Alibi) for p in var.parts)
@@ -193,7 +209,7 @@ def test_launch_plan(hopper, tmp_path):
     assert q_desc.shape == [2 * 8 * 300, 64] and q_desc.block_shape == [64, 64] and q_desc.strides == [64, 1]
     assert k_desc.shape == [2 * 2 * 300, 64] and k_desc.block_shape == [128, 64]
     assert q_desc.base.data_ptr() == q.data_ptr() and k_desc.base.data_ptr() == k.data_ptr()  # no copies
-    assert consts == dict(GQA_G=4, BLOCK_M=128, BLOCK_N=128, HEAD_D=64, NUM_STAGES=3, WINDOW=1024, ALIBI=False,
+    assert consts == dict(GQA_G=4, BLOCK_M=128, BLOCK_N=128, HEAD_D=64, NUM_STAGES=3, WINDOW=1024, PREFIX=0, ALIBI=False,
                           SCALE_MAX=True, EVEN_M=False, PINGPONG=False)
     assert mod._plan(q, k, k, out, -0.125, {})[2]["SCALE_MAX"] is False  # the max trick needs scale > 0
     q256 = torch.randn(2, 8, 256, 64, dtype=torch.float16)
@@ -277,6 +293,8 @@ GPU_VARIANTS = {
     "causal+alibi": V.causal() + V.alibi(8),
     "sw100@br": V.sliding_window(100, "bottom_right"),
     "causal@br+alibi": V.causal("bottom_right") + V.alibi(8),
+    "prefix257": V.prefix_lm(257),
+    "prefix700@br+alibi": V.prefix_lm(700, "bottom_right") + V.alibi(8),
 }
 
 
@@ -297,7 +315,7 @@ def test_gpu_fa3_matches_reference(tmp_path, no_work_gate, name, Sq, Sk):
                          ids=["d128-gqa4-bf16", "d64-fp16", "d64-gqa8-bf16"])
 def test_gpu_fa3_configs_heads_dtypes(tmp_path, no_work_gate, cfg, D, Hkv, dtype):
     _need_hopper()
-    for name, var in (("sw", V.sliding_window(333)), ("alibi", V.causal() + V.alibi(8))):
+    for name, var in (("sw", V.sliding_window(333)), ("alibi", V.causal() + V.alibi(8)), ("prefix", V.prefix_lm(500))):
         run_case(tmp_path, var, B=3, Hq=8, Hkv=Hkv, Sq=1531, Sk=1531, D=D, dtype=dtype, config={**FA3, **cfg},
                  device="cuda", name=f"fa3_{name}")
 

@@ -15,8 +15,10 @@ layouts, shared memory, mbarriers, TMA and warp specialisation:
 * ``PINGPONG`` (a knob) orders the two warpgroups' MMA issue strictly (FA3's inter-warpgroup
   schedule, from two mbarriers: Gluon 3.6 has no named barriers).
 
-Variants: causal masks, the causal sliding window, ALiBi (a key-only term ``slope * j``: ALiBi's
-``-slope * q_pos`` is constant along a row and softmax drops it) and their combinations, at any
+Variants: causal masks, the causal sliding window, prefix-LM (keys before the prefix end visible
+to every row: a causal mask whose diagonal never goes below the prefix), ALiBi (a key-only term
+``slope * j``: ALiBi's ``-slope * q_pos`` is constant along a row and softmax drops it) and
+their combinations, at any
 ``Sq``/``Sk`` in either alignment, GQA, head dim 64 or 128 (``Dv == D``), fp16 / bf16. Key tiles
 wholly outside the mask are never visited; the per-element mask runs only on boundary tiles.
 A query block with no visible key (a bottom-right call with ``Sq > Sk``) runs one fully masked
@@ -52,20 +54,26 @@ _SMEM_BYTES = 232448  # H100/H200 shared memory per block (opt-in maximum)
 
 
 def _parts(problem: Problem):
-    """(window size or 0, the ALiBi part or None) when the variant is a causal mask, a sliding
-    window and/or ALiBi with one of the masks; None otherwise."""
+    """(window size or 0, prefix length or 0, the ALiBi part or None) when the variant is a causal
+    mask, a sliding window or a prefix-LM mask, with optional ALiBi; None otherwise. A prefix-LM
+    part ANDed with a causal or sliding-window mask adds nothing (those already hide every key
+    after the query), so its prefix is dropped there."""
     parts = problem.variant.canonical_parts
-    window, alibi, masked = 0, None, False
+    window, prefix, alibi, masked, causal = 0, 0, None, False, False
     for p in parts:
         if isinstance(p, V.Causal):
-            masked = True
+            masked = causal = True
         elif isinstance(p, V.SlidingWindow):  # several windows: their AND is the smallest
-            masked, window = True, (min(window, p.size) if window else p.size)
+            masked, causal, window = True, True, (min(window, p.size) if window else p.size)
+        elif isinstance(p, V.PrefixLM):  # several prefixes: their AND is the shortest
+            masked, prefix = True, (min(prefix, p.prefix_len) if prefix else p.prefix_len)
         elif isinstance(p, V.Alibi) and alibi is None:
             alibi = p
         else:
             return None
-    return (window, alibi) if masked else None
+    if causal:
+        prefix = 0
+    return (window, prefix, alibi) if masked else None
 
 
 def _gluon_available() -> bool:
@@ -101,18 +109,19 @@ def estimated_gpu_ms(problem: Problem) -> float:
     """GPU time of ``problem``'s representative shape at :data:`_EST_TFLOPS` (the FLOPs of the
     visible (q, k) pairs: a window's ``min(W, Sk)`` keys per row, causal's half)."""
     B, Hq, _, Sq, Sk = problem.shape
-    window = (_parts(problem) or (0, None))[0]
-    pairs = Sq * min(window, Sk) if window else Sq * Sk / 2
+    window, prefix, _ = _parts(problem) or (0, 0, None)
+    pre = min(prefix, Sk)
+    pairs = Sq * min(window, Sk) if window else Sq * Sk / 2 + pre * pre / 2
     return B * Hq * pairs * 4 * problem.spec.head_dim / (_EST_TFLOPS * 1e12) * 1e3
 
 
 def applies(problem: Problem) -> bool:
     """True when this module can write a kernel for ``problem``: prefill, fp16/bf16, D == Dv in
-    (64, 128), a causal or sliding-window mask with optional ALiBi (plain causal is left to cuDNN),
+    (64, 128), a causal, sliding-window or prefix-LM mask with optional ALiBi (plain causal is left to cuDNN),
     enough work to hide its host cost (:data:`MIN_GPU_MS`), and a Hopper (sm_90) device."""
     spec = problem.spec
     form = _parts(problem)
-    if form is None or (form == (0, None)):
+    if form is None or form == (0, 0, None):
         return False
     if spec.dtype not in ("fp16", "bf16") or spec.head_dim != spec.head_dim_v or spec.head_dim not in (64, 128):
         return False
@@ -131,7 +140,7 @@ def normalize(problem: Problem, config: dict[str, Any] | None) -> dict[str, Any]
     range, a ring that does not fit shared memory, or a problem :func:`applies` refuses."""
     if not applies(problem):
         raise ValueError(f"template path 'fa3' does not fit {problem.variant.key} at {problem.shape} on "
-                         f"{problem.device} (causal / sliding window / ALiBi, fp16 or bf16, D 64 or 128, prefill, "
+                         f"{problem.device} (causal / sliding window / prefix-LM / ALiBi, fp16 or bf16, D 64 or 128, prefill, "
                          f">= {MIN_GPU_MS} ms of GPU work, sm_90)")
     cfg: dict[str, Any] = {"path": "fa3", **{k: v[0] for k, v in KNOBS.items()}}
     for k, val in (config or {}).items():
@@ -186,7 +195,7 @@ def _producer(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_ready, v_
 
 @gluon.jit
 def _softmax_tile(qk, m_i, l_i, n, qpos, cols0, bias0, col_ref, seq_k, qk_scale, slope,
-                  BLOCK_N: gl.constexpr, WINDOW: gl.constexpr, ALIBI: gl.constexpr, SCALE_MAX: gl.constexpr,
+                  BLOCK_N: gl.constexpr, WINDOW: gl.constexpr, PREFIX: gl.constexpr, ALIBI: gl.constexpr, SCALE_MAX: gl.constexpr,
                   MASKED: gl.constexpr):
     """One online-softmax step on a score tile (fp32, the wgmma accumulator layout), exp2 domain.
     Returns (p, m_new, l_new, alpha)."""
@@ -203,7 +212,10 @@ def _softmax_tile(qk, m_i, l_i, n, qpos, cols0, bias0, col_ref, seq_k, qk_scale,
     if MASKED:
         c2 = gl.expand_dims(n * BLOCK_N + cols0, 0)
         p2 = gl.expand_dims(qpos, 1)
-        keep = (c2 <= p2) & (c2 < seq_k)
+        if PREFIX > 0:
+            keep = ((c2 <= p2) | (c2 < PREFIX)) & (c2 < seq_k)
+        else:
+            keep = (c2 <= p2) & (c2 < seq_k)
         if WINDOW > 0:
             keep = keep & (c2 > p2 - WINDOW)
         qk = gl.where(keep, qk, float("-inf"))
@@ -238,7 +250,7 @@ def _after_softmax_wait(l_i):
 @gluon.jit
 def _kv_loop(acc, p_op, alpha, m_i, l_i, n_start, n_end, lo, q_smem, k_smem, v_smem, k_ready, v_ready, kv_empty,
              pp_bars, qpos, cols0, bias0, col_ref, seq_k, qk_scale, slope, zero_s,
-             WG: gl.constexpr, BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr, WINDOW: gl.constexpr,
+             WG: gl.constexpr, BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr, WINDOW: gl.constexpr, PREFIX: gl.constexpr,
              ALIBI: gl.constexpr, SCALE_MAX: gl.constexpr, PINGPONG: gl.constexpr, MASKED: gl.constexpr):
     """Key tiles [n_start, n_end): tile n's Q.K^T and tile n-1's P.V in flight together, tile n's
     softmax under tile n-1's P.V (FA3's order: O is rescaled by tile n-1's alpha before that P.V is
@@ -271,7 +283,7 @@ def _kv_loop(acc, p_op, alpha, m_i, l_i, n_start, n_end, lo, q_smem, k_smem, v_s
             mbarrier.arrive(pp_bars.index(1 - WG), count=1)
         qk = warpgroup_mma_wait(1, deps=(qk, ))
         p, m_i, l_i, alpha = _softmax_tile(qk, m_i, l_i, n, qpos, cols0, bias0, col_ref, seq_k, qk_scale, slope,
-                                           BLOCK_N, WINDOW, ALIBI, SCALE_MAX, MASKED)
+                                           BLOCK_N, WINDOW, PREFIX, ALIBI, SCALE_MAX, MASKED)
         l_i = _after_softmax_wait(l_i)
         acc, p_op = warpgroup_mma_wait(0, deps=(acc, p_op))
         p_op = gl.convert_layout(p.to(k_smem.dtype), p_layout)
@@ -283,7 +295,7 @@ def _consumer(q_smem_all, k_smem, v_smem, q_bar, k_ready, v_ready, kv_empty, pp_
               o_desc, out_ptr, slopes_ptr, qk_scale, off_bh, head, q_start, seq_q, seq_k, offset,
               lo, hi, lo_full, hi_full,
               WG: gl.constexpr, BLOCK_M_WG: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_D: gl.constexpr,
-              NUM_STAGES: gl.constexpr, WINDOW: gl.constexpr, ALIBI: gl.constexpr, SCALE_MAX: gl.constexpr,
+              NUM_STAGES: gl.constexpr, WINDOW: gl.constexpr, PREFIX: gl.constexpr, ALIBI: gl.constexpr, SCALE_MAX: gl.constexpr,
               EVEN_M: gl.constexpr, PINGPONG: gl.constexpr):
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                        instr_shape=[16, BLOCK_N, 16])
@@ -323,7 +335,7 @@ def _consumer(q_smem_all, k_smem, v_smem, q_bar, k_ready, v_ready, kv_empty, pp_
         mbarrier.arrive(pp_bars.index(1 - WG), count=1)
     qk = warpgroup_mma_wait(0, deps=(qk, ))
     p, m_i, l_i, alpha = _softmax_tile(qk, m_i, l_i, lo, qpos, cols0, bias0, col_ref, seq_k, qk_scale, slope,
-                                       BLOCK_N, WINDOW, ALIBI, SCALE_MAX, True)
+                                       BLOCK_N, WINDOW, PREFIX, ALIBI, SCALE_MAX, True)
     p_op = gl.convert_layout(p.to(k_smem.dtype), p_layout)
 
     # [lo+1, lo_full) masked, [.., hi_full) unmasked, [.., hi) masked
@@ -331,15 +343,15 @@ def _consumer(q_smem_all, k_smem, v_smem, q_bar, k_ready, v_ready, kv_empty, pp_
     t2 = gl.maximum(lo + 1, hi_full)
     acc, p_op, alpha, m_i, l_i = _kv_loop(acc, p_op, alpha, m_i, l_i, lo + 1, lo_full, lo, q_smem, k_smem, v_smem,
                                           k_ready, v_ready, kv_empty, pp_bars, qpos, cols0, bias0, col_ref, seq_k,
-                                          qk_scale, slope, zero_s, WG, BLOCK_N, NUM_STAGES, WINDOW, ALIBI,
+                                          qk_scale, slope, zero_s, WG, BLOCK_N, NUM_STAGES, WINDOW, PREFIX, ALIBI,
                                           SCALE_MAX, PINGPONG, True)
     acc, p_op, alpha, m_i, l_i = _kv_loop(acc, p_op, alpha, m_i, l_i, t1, hi_full, lo, q_smem, k_smem, v_smem,
                                           k_ready, v_ready, kv_empty, pp_bars, qpos, cols0, bias0, col_ref, seq_k,
-                                          qk_scale, slope, zero_s, WG, BLOCK_N, NUM_STAGES, WINDOW, ALIBI,
+                                          qk_scale, slope, zero_s, WG, BLOCK_N, NUM_STAGES, WINDOW, PREFIX, ALIBI,
                                           SCALE_MAX, PINGPONG, False)
     acc, p_op, alpha, m_i, l_i = _kv_loop(acc, p_op, alpha, m_i, l_i, t2, hi, lo, q_smem, k_smem, v_smem,
                                           k_ready, v_ready, kv_empty, pp_bars, qpos, cols0, bias0, col_ref, seq_k,
-                                          qk_scale, slope, zero_s, WG, BLOCK_N, NUM_STAGES, WINDOW, ALIBI,
+                                          qk_scale, slope, zero_s, WG, BLOCK_N, NUM_STAGES, WINDOW, PREFIX, ALIBI,
                                           SCALE_MAX, PINGPONG, True)
 
     # epilogue: the last tile's P.V
@@ -372,7 +384,7 @@ def _consumer(q_smem_all, k_smem, v_smem, q_bar, k_ready, v_ready, kv_empty, pp_
 @gluon.jit
 def _fa3_fwd(q_desc, k_desc, v_desc, o_desc, out_ptr, slopes_ptr, qk_scale, seq_q, seq_k, offset, H,
              GQA_G: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_D: gl.constexpr,
-             NUM_STAGES: gl.constexpr, WINDOW: gl.constexpr, ALIBI: gl.constexpr, SCALE_MAX: gl.constexpr,
+             NUM_STAGES: gl.constexpr, WINDOW: gl.constexpr, PREFIX: gl.constexpr, ALIBI: gl.constexpr, SCALE_MAX: gl.constexpr,
              EVEN_M: gl.constexpr, PINGPONG: gl.constexpr):
     BLOCK_M_WG: gl.constexpr = BLOCK_M // 2
     # one flat grid, query blocks fastest: the CTAs that run at the same time are the query blocks
@@ -392,8 +404,9 @@ def _fa3_fwd(q_desc, k_desc, v_desc, o_desc, out_ptr, slopes_ptr, qk_scale, seq_
     n_kv = (seq_k + BLOCK_N - 1) // BLOCK_N
     qmin = q_start + offset
     qmax = q_start + BLOCK_M - 1 + offset
-    hi = gl.minimum((gl.maximum(qmax + 1, 0) + BLOCK_N - 1) // BLOCK_N, n_kv)
-    hi_full = gl.minimum(gl.maximum(qmin + 1, 0) // BLOCK_N, seq_k // BLOCK_N)
+    # prefix-LM: keys < PREFIX are visible to every row, so a row sees up to max(position, PREFIX - 1)
+    hi = gl.minimum((gl.maximum(gl.maximum(qmax + 1, PREFIX), 0) + BLOCK_N - 1) // BLOCK_N, n_kv)
+    hi_full = gl.minimum(gl.maximum(gl.maximum(qmin + 1, PREFIX), 0) // BLOCK_N, seq_k // BLOCK_N)
     if WINDOW > 0:
         lo = gl.maximum(qmin - WINDOW + 1, 0) // BLOCK_N
         lo_full = (gl.maximum(qmax - WINDOW + 1, 0) + BLOCK_N - 1) // BLOCK_N
@@ -432,10 +445,10 @@ def _fa3_fwd(q_desc, k_desc, v_desc, o_desc, out_ptr, slopes_ptr, qk_scale, seq_
         [
             (_consumer, (q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, kv_empty, pp_bars, o_desc, out_ptr,
                          slopes_ptr, qk_scale, off_bh, head, q_start, seq_q, seq_k, offset, lo, hi, lo_full, hi_full,
-                         0, BLOCK_M_WG, BLOCK_N, HEAD_D, NUM_STAGES, WINDOW, ALIBI, SCALE_MAX, EVEN_M, PINGPONG)),
+                         0, BLOCK_M_WG, BLOCK_N, HEAD_D, NUM_STAGES, WINDOW, PREFIX, ALIBI, SCALE_MAX, EVEN_M, PINGPONG)),
             (_consumer, (q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, kv_empty, pp_bars, o_desc, out_ptr,
                          slopes_ptr, qk_scale, off_bh, head, q_start, seq_q, seq_k, offset, lo, hi, lo_full, hi_full,
-                         1, BLOCK_M_WG, BLOCK_N, HEAD_D, NUM_STAGES, WINDOW, ALIBI, SCALE_MAX, EVEN_M, PINGPONG)),
+                         1, BLOCK_M_WG, BLOCK_N, HEAD_D, NUM_STAGES, WINDOW, PREFIX, ALIBI, SCALE_MAX, EVEN_M, PINGPONG)),
             (_producer, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, kv_empty, q_row,
                          kv_row, lo, hi, BLOCK_M_WG, BLOCK_N, NUM_STAGES)),
         ],
@@ -499,7 +512,7 @@ def _plan(q, k, v, out, scale, variant_tensors):
     grid = (B * H * -(-Sq // BLOCK_M),)  # flat: no 65535 limit on B * H
     args = (q_desc, k_desc, v_desc, o_desc, oc, slopes, qk_scale, Sq, Sk, offset, H)
     consts = dict(GQA_G=GQA, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, HEAD_D=D, NUM_STAGES=NUM_STAGES, WINDOW=WINDOW,
-                  ALIBI=bool(ALIBI_KEY), SCALE_MAX=(qk_scale > 0 and not ALIBI_KEY), EVEN_M=(Sq % BLOCK_M == 0),
+                  PREFIX=PREFIX, ALIBI=bool(ALIBI_KEY), SCALE_MAX=(qk_scale > 0 and not ALIBI_KEY), EVEN_M=(Sq % BLOCK_M == 0),
                   PINGPONG=PINGPONG)
     return grid, args, consts, oc
 
@@ -519,7 +532,7 @@ def generate_source(problem: Problem, config: dict[str, Any] | None = None) -> s
     """The kernel module (kernel contract of :mod:`torch_r1attn.loader`) for ``problem``."""
     cfg = normalize(problem, config)
     spec = problem.spec
-    window, alibi = _parts(problem)
+    window, prefix, alibi = _parts(problem)
     alibi_key = None
     if alibi is not None:
         alibi_key = next(n for n in problem.variant.tensors() if n.endswith("alibi_slopes"))
@@ -537,7 +550,7 @@ def generate_source(problem: Problem, config: dict[str, Any] | None = None) -> s
         f"DTYPE = {torch_dtype}",
         f"HEAD_DIM, GQA = {spec.head_dim}, {spec.gqa}",
         f"BLOCK_M, BLOCK_N, NUM_STAGES, PINGPONG = 128, {cfg['block_n']}, {cfg['stages']}, {cfg['pingpong']}",
-        f"WINDOW = {window}",
+        f"WINDOW, PREFIX = {window}, {prefix}",
         f"ALIBI_KEY = {alibi_key!r}",
         f"ALIGN_BOTTOM_RIGHT = {problem.variant.align == 'bottom_right'}",
     ]
