@@ -12,7 +12,8 @@ time, on the same rotated inputs and in this one process:
 * compiled FlexAttention (``dynamic=False``, block mask precomputed, recompile limit raised);
 * eager math where it fits in memory (S <= 4096).
 
-Every path is timed twice: GPU ms under the verifier's timing protocol 2 (each call queued behind
+Every path is timed twice, in ``--rounds`` interleaved rounds (order reversed every other round,
+median of the rounds, so no path always runs first after the previous row's load): GPU ms under the verifier's timing protocol 2 (each call queued behind
 a spin kernel, so the host's launch latency is not in the events; the headline ratio) and wall ms
 with ``triton.testing.do_bench`` (host latency included whenever the host is slower than the L2
 flush before each rep; the "wall" columns).
@@ -43,7 +44,8 @@ from torch_r1attn.reference import eager_attention  # noqa: E402
 from torch_r1attn.spec import AttentionSpec, length_bucket  # noqa: E402
 
 from benchmarks.common import (  # noqa: E402
-    SHAPES, Energy, allowed_fraction, needed_block_fraction, bench, bench_gpu, effective_tflops, environment, interleaved_host_us,
+    SHAPES, Energy, allowed_fraction, effective_tflops, environment, interleaved_host_us, interleaved_times,
+    needed_block_fraction,
     make_inputs, out_dir, suite, sustained, wrapper_host_us, write_json,
 )
 
@@ -216,6 +218,10 @@ def main() -> int:
                     help="only fill the kernel cache (R1ATTN_CACHE_DIR) for every shape, e.g. on a machine with more "
                          "GPUs than the timing run will have; needs --prewarm-gpus")
     ap.add_argument("--tag", default="")
+    ap.add_argument("--rounds", type=int, default=3,
+                    help="every path of a row is timed in this many interleaved rounds (order reversed every other "
+                         "round, the rep split across them; its time is the median of the rounds): r1 and its "
+                         "peers see the same GPU state instead of r1 always first after the previous row")
     ap.add_argument("--sustained-ms", type=float, default=1000.0,
                     help="r1 and the best peer also run back to back for this long (0: skip): ms and mJ per "
                          "call under the power cap, what a long job sees")
@@ -282,22 +288,11 @@ def main() -> int:
             peers["flex"] = flex_peer(c)
             if c.Sq * c.Sk <= 4096 * 4096 and c.Sq > 1:
                 peers["eager"] = eager_peer(c)
-            times, walls = {}, {}
             r1fn = lambda q, k, v: r1.attention(q, k, v, enable_gqa=c.enable_gqa, variant=c.variant)  # noqa: E731
-            for name, fn in [("r1", r1fn)] + list(peers.items()):
-                if fn is None:
-                    continue
-                try:
-                    fn(*sets[0])
-                    torch.cuda.synchronize()
-                    times[name] = bench_gpu(fn, sets, rep_ms=rep)
-                except Exception as e:  # noqa: BLE001 - "does not accept the call" is a result
-                    times[name] = f"ERR {type(e).__name__}: {str(e)[:80]}"
-                    continue
-                try:
-                    walls[name] = bench(fn, sets, rep_ms=rep)
-                except Exception as e:  # noqa: BLE001 - the GPU time above still stands
-                    walls[name] = f"ERR {type(e).__name__}: {str(e)[:80]}"
+            timed = interleaved_times([("r1", r1fn)] + [(n, f) for n, f in peers.items() if f is not None], sets,
+                                      rep_ms=rep, rounds=args.rounds)
+            times, walls = timed["gpu"], timed["wall"]
+            row["times_rounds"] = timed["gpu_rounds"]
             res = next(iter(dispatch._table.values()), None)
             row["r1_path"] = "kernel" if (res and res.kernel is not None) else f"fallback:{res.path if res else '?'}"
             frac = allowed_fraction(c)
@@ -347,19 +342,21 @@ def main() -> int:
                                                      "prewarm_scheduler": sched_info})
     write_json(od / f"variants_{tag}.json", {"env": env, "rows": rows, "dispatch_overhead": overhead,
                                                      "prewarm_scheduler": sched_info})
-    md = render(rows, overhead, env)
+    md = render(rows, overhead, env, args.rounds)
     (od / f"variants_{tag}.md").write_text(md)
     plot(rows, od / f"variants_{tag}.png")
     print(md)
     return 0
 
 
-def render(rows, overhead, env) -> str:
+def render(rows, overhead, env, rounds: int = 1) -> str:
     lines = [f"# R1Attention vs peers ({env.get('gpu')}, torch {env['torch']}, triton {env['triton']}, "
              f"{env['date']}), bf16 forward, median ms", "",
              "GPU ms: the verifier's timing protocol 2 (L2 flushed, inputs rotated, each call queued behind a "
              "spin kernel: GPU work only). Wall ms: `triton.testing.do_bench` (host launch latency included "
              "when the host is slower than the flush). Ratio = best peer / r1 under the same protocol. "
+             f"Every path of a row timed in {rounds} interleaved round(s), order reversed every other round, "
+             "median of the rounds. "
              "Effective TFLOP/s: FLOPs of the allowed (q, kv) pairs / GPU time, and (after the slash) "
              "DESIGN.md's definition, FLOPs of the 128x128 blocks actually needed (FlexAttention's block-mask "
              "granularity). Sustained: r1 and the best peer each run back to back for about a second (what a long job "

@@ -13,6 +13,7 @@ import contextlib
 import json
 import os
 import platform
+import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -238,6 +239,53 @@ def bench(fn: Callable, sets: list, warmup_ms: float = 100, rep_ms: float = 400)
         return fn(*s)
 
     return float(do_bench(call, warmup=warmup_ms, rep=rep_ms, return_mode="median"))
+
+
+def interleaved_times(paths: list, sets: list, rep_ms: float, rounds: int = 3,
+                      gpu_timer: Callable | None = None, wall_timer: Callable | None = None) -> dict:
+    """Times every ``(name, fn)`` of ``paths`` (``fn(*inputs)``) in ``rounds`` interleaved rounds,
+    the order reversed every other round, ``rep_ms / rounds`` per path per round, with
+    ``gpu_timer`` (default :func:`bench_gpu`, protocol 2) and ``wall_timer`` (default
+    :func:`bench`). The time of a path is the median of its rounds' medians.
+
+    Why rounds: timed one after another, the first path of a comparison runs in the GPU state the
+    previous work left (the previous row's back-to-back windows: hot, clock down) and the last in
+    the state the others left. Session 12's bench read cuDNN at 0.96x of itself for the GQA row
+    (r1's fallback *is* cuDNN; r1 was timed first). Interleaved, every path sees the same mix.
+
+    Returns ``{"gpu": {name: ms or "ERR ..."}, "wall": {...}, "gpu_rounds": {name: [ms, ...]}}``;
+    a path that raises is recorded as an error and not timed again (the others go on)."""
+    gpu_timer = gpu_timer or bench_gpu
+    wall_timer = wall_timer or bench
+    rounds = max(1, int(rounds))
+    per = rep_ms / rounds
+    gpu_r: dict = {n: [] for n, _ in paths}
+    wall_r: dict = {n: [] for n, _ in paths}
+    gpu_err: dict = {}
+    wall_err: dict = {}
+    for r in range(rounds):
+        for name, fn in (paths if r % 2 == 0 else paths[::-1]):
+            if name in gpu_err:
+                continue
+            try:
+                if r == 0:  # compile / warm outside the timed windows
+                    fn(*sets[0])
+                    if torch.cuda.is_available():
+                        torch.cuda.synchronize()
+                gpu_r[name].append(gpu_timer(fn, sets, rep_ms=per))
+            except Exception as e:  # noqa: BLE001 - "does not accept the call" is a result
+                gpu_err[name] = f"ERR {type(e).__name__}: {str(e)[:80]}"
+                continue
+            if name in wall_err:
+                continue
+            try:
+                wall_r[name].append(wall_timer(fn, sets, rep_ms=per))
+            except Exception as e:  # noqa: BLE001 - the GPU time still stands
+                wall_err[name] = f"ERR {type(e).__name__}: {str(e)[:80]}"
+    gpu = {n: gpu_err.get(n) or float(statistics.median(gpu_r[n])) for n, _ in paths}
+    wall = {n: wall_err.get(n) or float(statistics.median(wall_r[n]))
+            for n, _ in paths if n not in gpu_err and (wall_r[n] or n in wall_err)}
+    return {"gpu": gpu, "wall": wall, "gpu_rounds": {n: v for n, v in gpu_r.items() if v}}
 
 
 class Energy:

@@ -162,3 +162,37 @@ def test_needed_block_fraction_counts_whole_tiles_with_any_allowed_pair(S, block
         want_blocks = sum(nb[i] * nb[j] for i in range(3) for j in range(i + 1)) / S**2
     assert blocks == pytest.approx(want_blocks)
     assert needed_block_fraction(Case("full", 1, 1, 1, S, S, 64, V.full()), block) == 1.0
+
+
+def test_interleaved_times_alternates_the_order_and_takes_the_median_round():
+    """Rounds in alternating order (no path always first after the previous row), each path's
+    time the median of its rounds, the rep split across rounds, failures recorded and not retried."""
+    from benchmarks.common import interleaved_times
+
+    calls, seen = [], []
+
+    def gpu_timer(fn, sets, rep_ms):
+        calls.append((fn.__name__, rep_ms))
+        return fn.t.pop(0)
+
+    def wall_timer(fn, sets, rep_ms):
+        return 10.0 * fn.t[0] if fn.t else 99.0
+
+    def make(name, ts, fail=False):
+        def f(*inputs):
+            seen.append(name)
+            if fail:
+                raise RuntimeError("backend refuses the call")
+        f.__name__, f.t = name, list(ts)
+        return f
+
+    a, b, bad = make("a", [3.0, 1.0, 2.0]), make("b", [5.0, 7.0, 6.0]), make("bad", [], fail=True)
+    out = interleaved_times([("a", a), ("bad", bad), ("b", b)], [()], rep_ms=90.0, rounds=3,
+                            gpu_timer=gpu_timer, wall_timer=wall_timer)
+    assert [n for n, _ in calls] == ["a", "b", "b", "a", "a", "b"]  # forward, reversed, forward
+    assert all(rep == 30.0 for _, rep in calls)
+    assert out["gpu"]["a"] == 2.0 and out["gpu"]["b"] == 6.0  # medians, not the first round
+    assert out["gpu"]["bad"].startswith("ERR RuntimeError") and "bad" not in out["wall"]
+    assert out["gpu_rounds"] == {"a": [3.0, 1.0, 2.0], "b": [5.0, 7.0, 6.0]}
+    assert seen.count("bad") == 1  # warmed once, failed, never timed again
+    assert set(out["wall"]) == {"a", "b"}
