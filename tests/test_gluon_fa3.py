@@ -52,7 +52,7 @@ def test_small_problems_keep_the_triton_template(monkeypatch):
     big = make_problem(V.sliding_window(1024), 4, 32, 32, 4096, 4096, 128, 128, torch.bfloat16, "cuda")
     mid = make_problem(V.causal() + V.alibi(32), 8, 32, 32, 2048, 2048, 64, 64, torch.bfloat16, "cuda")
     small = make_problem(V.causal() + V.alibi(8), 1, 8, 8, 1024, 1024, 128, 128, torch.bfloat16, "cuda")
-    assert gluon_fa3.estimated_gpu_ms(big) == pytest.approx(0.687, abs=0.01)  # measured 0.617 (session 11)
+    assert gluon_fa3.estimated_gpu_ms(big) == pytest.approx(0.573, abs=0.01)  # measured 0.562-0.590 (session 12)
     assert gluon_fa3.applies(big) and gluon_fa3.applies(mid)
     assert gluon_fa3.estimated_gpu_ms(small) < gluon_fa3.MIN_GPU_MS and not gluon_fa3.applies(small)
     assert not gluon_fa3.round_one(small)

@@ -96,13 +96,13 @@ def _is_hopper(device) -> bool:
         return False
 
 
-# The module's host cost per call: 199 us on the H200's host (session 11 bench, direct call: 62 us
-# in the wrapper, 137 in Gluon's launcher with four tensor descriptors; the wrapper's share has
-# since dropped by ~50 us, the layouts now built once), against 33 us for a Triton template. The
+# The module's host cost per call: 199 us on the H200's host in session 11's bench (62 in the
+# wrapper, 137 in Gluon's launcher with four tensor descriptors); 77-82 us in session 12's (23-25
+# in the wrapper, layouts built once), against 29-45 us for a Triton template. The
 # search times GPU work only, so below about this much GPU work a call would be host-bound and
 # the kernel a regression in a real model's loop: smaller problems keep the Triton template.
 MIN_GPU_MS = 0.25
-_EST_TFLOPS = 400.0  # what this kernel sustains on an H200 (session 11: 390-466 effective)
+_EST_TFLOPS = 480.0  # what this kernel sustains on an H200 (session 12's bench: 459-549 effective)
 
 
 def estimated_gpu_ms(problem: Problem) -> float:
