@@ -119,6 +119,11 @@ def test_prefix_lm_parts(hopper):
     assert "\nWINDOW, PREFIX = 0, 1024\n" in src and "ALIBI_KEY = None" not in src
     assert "\nWINDOW, PREFIX = 0, 300\n" in generate_source(_prob(V.prefix_lm(1000) + V.prefix_lm(300)), FA3)
     assert "\nWINDOW, PREFIX = 64, 0\n" in generate_source(_prob(V.sliding_window(64) + V.prefix_lm(300)), FA3)
+    # a zero-length prefix ANDed with any other is plain causal (cuDNN's), whatever the parts' order
+    for var in (V.prefix_lm(0) + V.prefix_lm(300), V.prefix_lm(300) + V.prefix_lm(0), V.prefix_lm(0)):
+        assert gluon_fa3._parts(_prob(var))[:2] == (0, 0) and not gluon_fa3.applies(_prob(var))
+    # a prefix longer than anything is full attention: capped so the tile arithmetic stays in int32
+    assert "\nWINDOW, PREFIX = 0, 1073741824\n" in generate_source(_prob(V.prefix_lm(1 << 40)), FA3)
     # the work estimate counts the prefix square: causal's half plus half of prefix^2
     base = gluon_fa3.estimated_gpu_ms(_prob(V.causal() + V.alibi(4)))
     assert gluon_fa3.estimated_gpu_ms(_prob(V.prefix_lm(1024))) == pytest.approx(base * (1 + 1024 ** 2 / 4096 ** 2))

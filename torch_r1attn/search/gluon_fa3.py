@@ -21,8 +21,9 @@ to every row: a causal mask whose diagonal never goes below the prefix), ALiBi (
 their combinations, at any
 ``Sq``/``Sk`` in either alignment, GQA, head dim 64 or 128 (``Dv == D``), fp16 / bf16. Key tiles
 wholly outside the mask are never visited; the per-element mask runs only on boundary tiles.
-A query block with no visible key (a bottom-right call with ``Sq > Sk``) runs one fully masked
-tile and writes zeros, the reference's convention.
+A query block with no visible key (a bottom-right call with ``Sq > Sk`` and no prefix) runs one
+fully masked tile and writes zeros, the reference's convention. (A top-left window with
+``Sq > Sk + W`` can also visit one wholly masked tile for such a block: zeros, correct.)
 
 Hopper only (``wgmma``/``setmaxnreg`` need sm_90a): :func:`applies` asks the device, and the
 generated module refuses anything else. Known limit: the 2-D TMA descriptors span every head, so
@@ -59,20 +60,21 @@ def _parts(problem: Problem):
     part ANDed with a causal or sliding-window mask adds nothing (those already hide every key
     after the query), so its prefix is dropped there."""
     parts = problem.variant.canonical_parts
-    window, prefix, alibi, masked, causal = 0, 0, None, False, False
+    window, prefix, alibi, masked, causal = 0, None, None, False, False
     for p in parts:
         if isinstance(p, V.Causal):
             masked = causal = True
         elif isinstance(p, V.SlidingWindow):  # several windows: their AND is the smallest
             masked, causal, window = True, True, (min(window, p.size) if window else p.size)
-        elif isinstance(p, V.PrefixLM):  # several prefixes: their AND is the shortest
-            masked, prefix = True, (min(prefix, p.prefix_len) if prefix else p.prefix_len)
+        elif isinstance(p, V.PrefixLM):  # several prefixes: their AND is the shortest (0 included)
+            masked, prefix = True, (p.prefix_len if prefix is None else min(prefix, p.prefix_len))
         elif isinstance(p, V.Alibi) and alibi is None:
             alibi = p
         else:
             return None
-    if causal:
-        prefix = 0
+    # under a causal part the prefix adds nothing; past 2**30 it is full attention for any length
+    # this kernel takes, and the tile arithmetic stays in int32
+    prefix = 0 if (causal or prefix is None) else min(prefix, 1 << 30)
     return (window, prefix, alibi) if masked else None
 
 
@@ -107,7 +109,8 @@ _EST_TFLOPS = 480.0  # what this kernel sustains on an H200 (session 12's bench:
 
 def estimated_gpu_ms(problem: Problem) -> float:
     """GPU time of ``problem``'s representative shape at :data:`_EST_TFLOPS` (the FLOPs of the
-    visible (q, k) pairs: a window's ``min(W, Sk)`` keys per row, causal's half)."""
+    visible (q, k) pairs: a window's ``min(W, Sk)`` keys per row, causal's half, plus half the
+    prefix square for prefix-LM)."""
     B, Hq, _, Sq, Sk = problem.shape
     window, prefix, _ = _parts(problem) or (0, 0, None)
     pre = min(prefix, Sk)
@@ -311,7 +314,9 @@ def _consumer(q_smem_all, k_smem, v_smem, q_bar, k_ready, v_ready, kv_empty, pp_
     m0 = q_start + WG * BLOCK_M_WG
     qpos = m0 + gl.arange(0, BLOCK_M_WG, layout=row_s) + offset
     cols0 = gl.arange(0, BLOCK_N, layout=col_s)
-    col_ref = gl.minimum(q_start + offset, seq_k - 1)  # near the visible keys (Sq >> Sk: no cancellation)
+    # ALiBi's reference column, near the visible keys (Sq >> Sk, or rows at negative positions that see
+    # a prefix: no large offsets to cancel); any per-CTA constant cancels in softmax
+    col_ref = gl.maximum(gl.minimum(q_start + offset, seq_k - 1), 0)
     if ALIBI:
         slope = gl.load(slopes_ptr + head).to(gl.float32) * 1.4426950408889634
     else:
@@ -399,8 +404,8 @@ def _fa3_fwd(q_desc, k_desc, v_desc, o_desc, out_ptr, slopes_ptr, qk_scale, seq_
     kv_bh = (off_bh // H) * (H // GQA_G) + head // GQA_G
     q_start = pid_m * BLOCK_M
 
-    # key tiles [lo, hi); fully visible [lo_full, hi_full) (every key <= every row's position,
-    # < seq_k, and inside every row's window). Positions may be negative (bottom-right, Sq > Sk).
+    # key tiles [lo, hi); fully visible [lo_full, hi_full) (every key <= every row's position or
+    # < PREFIX, < seq_k, and inside every row's window). Positions may be negative (bottom-right, Sq > Sk).
     n_kv = (seq_k + BLOCK_N - 1) // BLOCK_N
     qmin = q_start + offset
     qmax = q_start + BLOCK_M - 1 + offset
@@ -509,7 +514,7 @@ def _plan(q, k, v, out, scale, variant_tensors):
     o_desc = _desc(oc.view(B * H * Sq, D), BLOCK_M // 2, _Q_LAYOUT)
     k_desc = _desc(kc.view(B * HKV * Sk, D), BLOCK_N, _KV_LAYOUT)
     v_desc = _desc(vc.view(B * HKV * Sk, D), BLOCK_N, _KV_LAYOUT)
-    grid = (B * H * -(-Sq // BLOCK_M),)  # flat: no 65535 limit on B * H
+    grid = (B * H * -(-Sq // BLOCK_M),)  # flat, query blocks fastest (the kernel decodes pid)
     args = (q_desc, k_desc, v_desc, o_desc, oc, slopes, qk_scale, Sq, Sk, offset, H)
     consts = dict(GQA_G=GQA, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, HEAD_D=D, NUM_STAGES=NUM_STAGES, WINDOW=WINDOW,
                   PREFIX=PREFIX, ALIBI=bool(ALIBI_KEY), SCALE_MAX=(qk_scale > 0 and not ALIBI_KEY), EVEN_M=(Sq % BLOCK_M == 0),
