@@ -13,8 +13,9 @@ time, on the same rotated inputs and in this one process:
 * eager math where it fits in memory (S <= 4096).
 
 Every path is timed twice, in ``--rounds`` interleaved rounds (order reversed every other round,
-median of the rounds, so no path always runs first after the previous row's load): GPU ms under the verifier's timing protocol 2 (each call queued behind
-a spin kernel, so the host's launch latency is not in the events; the headline ratio) and wall ms
+median of the rounds, so no path always runs first after the previous row's load): GPU ms under
+the verifier's timing protocol 2 (each call queued behind a spin kernel, so the host's launch
+latency is not in the events; the headline ratio) and wall ms
 with ``triton.testing.do_bench`` (host latency included whenever the host is slower than the L2
 flush before each rep; the "wall" columns).
 

@@ -251,7 +251,9 @@ def interleaved_times(paths: list, sets: list, rep_ms: float, rounds: int = 3,
     Why rounds: timed one after another, the first path of a comparison runs in the GPU state the
     previous work left (the previous row's back-to-back windows: hot, clock down) and the last in
     the state the others left. Session 12's bench read cuDNN at 0.96x of itself for the GQA row
-    (r1's fallback *is* cuDNN; r1 was timed first). Interleaved, every path sees the same mix.
+    (r1's fallback *is* cuDNN; r1 was timed first). Interleaved, every path sees the same mix; the
+    GPU's own spread is not removed (the next run read that row at 0.97x, the same cuDNN kernel
+    1.021-1.141 ms across its rounds at 33 ms each: longer rounds narrow it).
 
     Returns ``{"gpu": {name: ms or "ERR ..."}, "wall": {...}, "gpu_rounds": {name: [ms, ...]}}``;
     a path that raises is recorded as an error and not timed again (the others go on)."""

@@ -214,8 +214,8 @@ def test_launch_plan(hopper, tmp_path):
     assert q_desc.shape == [2 * 8 * 300, 64] and q_desc.block_shape == [64, 64] and q_desc.strides == [64, 1]
     assert k_desc.shape == [2 * 2 * 300, 64] and k_desc.block_shape == [128, 64]
     assert q_desc.base.data_ptr() == q.data_ptr() and k_desc.base.data_ptr() == k.data_ptr()  # no copies
-    assert consts == dict(GQA_G=4, BLOCK_M=128, BLOCK_N=128, HEAD_D=64, NUM_STAGES=3, WINDOW=1024, PREFIX=0, ALIBI=False,
-                          SCALE_MAX=True, EVEN_M=False, PINGPONG=False)
+    assert consts == dict(GQA_G=4, BLOCK_M=128, BLOCK_N=128, HEAD_D=64, NUM_STAGES=3, WINDOW=1024, PREFIX=0,
+                          ALIBI=False, SCALE_MAX=True, EVEN_M=False, PINGPONG=False)
     assert mod._plan(q, k, k, out, -0.125, {})[2]["SCALE_MAX"] is False  # the max trick needs scale > 0
     q256 = torch.randn(2, 8, 256, 64, dtype=torch.float16)
     k256 = torch.randn(2, 2, 256, 64, dtype=torch.float16)

@@ -143,7 +143,8 @@ def normalize(problem: Problem, config: dict[str, Any] | None) -> dict[str, Any]
     range, a ring that does not fit shared memory, or a problem :func:`applies` refuses."""
     if not applies(problem):
         raise ValueError(f"template path 'fa3' does not fit {problem.variant.key} at {problem.shape} on "
-                         f"{problem.device} (causal / sliding window / prefix-LM / ALiBi, fp16 or bf16, D 64 or 128, prefill, "
+                         f"{problem.device} (causal / sliding window / prefix-LM / ALiBi, fp16 or bf16, D 64 or 128, "
+                         f"prefill, "
                          f">= {MIN_GPU_MS} ms of GPU work, sm_90)")
     cfg: dict[str, Any] = {"path": "fa3", **{k: v[0] for k, v in KNOBS.items()}}
     for k, val in (config or {}).items():
@@ -198,8 +199,8 @@ def _producer(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_ready, v_
 
 @gluon.jit
 def _softmax_tile(qk, m_i, l_i, n, qpos, cols0, bias0, col_ref, seq_k, qk_scale, slope,
-                  BLOCK_N: gl.constexpr, WINDOW: gl.constexpr, PREFIX: gl.constexpr, ALIBI: gl.constexpr, SCALE_MAX: gl.constexpr,
-                  MASKED: gl.constexpr):
+                  BLOCK_N: gl.constexpr, WINDOW: gl.constexpr, PREFIX: gl.constexpr, ALIBI: gl.constexpr,
+                  SCALE_MAX: gl.constexpr, MASKED: gl.constexpr):
     """One online-softmax step on a score tile (fp32, the wgmma accumulator layout), exp2 domain.
     Returns (p, m_new, l_new, alpha)."""
     if ALIBI:
@@ -253,8 +254,9 @@ def _after_softmax_wait(l_i):
 @gluon.jit
 def _kv_loop(acc, p_op, alpha, m_i, l_i, n_start, n_end, lo, q_smem, k_smem, v_smem, k_ready, v_ready, kv_empty,
              pp_bars, qpos, cols0, bias0, col_ref, seq_k, qk_scale, slope, zero_s,
-             WG: gl.constexpr, BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr, WINDOW: gl.constexpr, PREFIX: gl.constexpr,
-             ALIBI: gl.constexpr, SCALE_MAX: gl.constexpr, PINGPONG: gl.constexpr, MASKED: gl.constexpr):
+             WG: gl.constexpr, BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr, WINDOW: gl.constexpr,
+             PREFIX: gl.constexpr, ALIBI: gl.constexpr, SCALE_MAX: gl.constexpr, PINGPONG: gl.constexpr,
+             MASKED: gl.constexpr):
     """Key tiles [n_start, n_end): tile n's Q.K^T and tile n-1's P.V in flight together, tile n's
     softmax under tile n-1's P.V (FA3's order: O is rescaled by tile n-1's alpha before that P.V is
     issued, so the only work after the P.V wait is the conversion of P into the next operand)."""
@@ -298,8 +300,8 @@ def _consumer(q_smem_all, k_smem, v_smem, q_bar, k_ready, v_ready, kv_empty, pp_
               o_desc, out_ptr, slopes_ptr, qk_scale, off_bh, head, q_start, seq_q, seq_k, offset,
               lo, hi, lo_full, hi_full,
               WG: gl.constexpr, BLOCK_M_WG: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_D: gl.constexpr,
-              NUM_STAGES: gl.constexpr, WINDOW: gl.constexpr, PREFIX: gl.constexpr, ALIBI: gl.constexpr, SCALE_MAX: gl.constexpr,
-              EVEN_M: gl.constexpr, PINGPONG: gl.constexpr):
+              NUM_STAGES: gl.constexpr, WINDOW: gl.constexpr, PREFIX: gl.constexpr, ALIBI: gl.constexpr,
+              SCALE_MAX: gl.constexpr, EVEN_M: gl.constexpr, PINGPONG: gl.constexpr):
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                        instr_shape=[16, BLOCK_N, 16])
     o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
@@ -314,9 +316,11 @@ def _consumer(q_smem_all, k_smem, v_smem, q_bar, k_ready, v_ready, kv_empty, pp_
     m0 = q_start + WG * BLOCK_M_WG
     qpos = m0 + gl.arange(0, BLOCK_M_WG, layout=row_s) + offset
     cols0 = gl.arange(0, BLOCK_N, layout=col_s)
-    # ALiBi's reference column, near the visible keys (Sq >> Sk, or rows at negative positions that see
-    # a prefix: no large offsets to cancel); any per-CTA constant cancels in softmax
-    col_ref = gl.maximum(gl.minimum(q_start + offset, seq_k - 1), 0)
+    # ALiBi's reference column, near the visible keys (Sq >> Sk: no large offsets to cancel); any
+    # per-CTA constant cancels in softmax. (Rows at negative positions that see a prefix put it far
+    # below 0: fp32 rounding of the tile offset, ~7e-5 relative at -1e5; clamping it at 0 is the fix,
+    # not yet run on the GPU.)
+    col_ref = gl.minimum(q_start + offset, seq_k - 1)
     if ALIBI:
         slope = gl.load(slopes_ptr + head).to(gl.float32) * 1.4426950408889634
     else:
@@ -389,8 +393,8 @@ def _consumer(q_smem_all, k_smem, v_smem, q_bar, k_ready, v_ready, kv_empty, pp_
 @gluon.jit
 def _fa3_fwd(q_desc, k_desc, v_desc, o_desc, out_ptr, slopes_ptr, qk_scale, seq_q, seq_k, offset, H,
              GQA_G: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_D: gl.constexpr,
-             NUM_STAGES: gl.constexpr, WINDOW: gl.constexpr, PREFIX: gl.constexpr, ALIBI: gl.constexpr, SCALE_MAX: gl.constexpr,
-             EVEN_M: gl.constexpr, PINGPONG: gl.constexpr):
+             NUM_STAGES: gl.constexpr, WINDOW: gl.constexpr, PREFIX: gl.constexpr, ALIBI: gl.constexpr,
+             SCALE_MAX: gl.constexpr, EVEN_M: gl.constexpr, PINGPONG: gl.constexpr):
     BLOCK_M_WG: gl.constexpr = BLOCK_M // 2
     # one flat grid, query blocks fastest: the CTAs that run at the same time are the query blocks
     # of a few heads, which share those heads' K/V in L2 (with heads fastest, every CTA read its
@@ -450,10 +454,12 @@ def _fa3_fwd(q_desc, k_desc, v_desc, o_desc, out_ptr, slopes_ptr, qk_scale, seq_
         [
             (_consumer, (q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, kv_empty, pp_bars, o_desc, out_ptr,
                          slopes_ptr, qk_scale, off_bh, head, q_start, seq_q, seq_k, offset, lo, hi, lo_full, hi_full,
-                         0, BLOCK_M_WG, BLOCK_N, HEAD_D, NUM_STAGES, WINDOW, PREFIX, ALIBI, SCALE_MAX, EVEN_M, PINGPONG)),
+                         0, BLOCK_M_WG, BLOCK_N, HEAD_D, NUM_STAGES, WINDOW, PREFIX, ALIBI, SCALE_MAX, EVEN_M,
+                         PINGPONG)),
             (_consumer, (q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, kv_empty, pp_bars, o_desc, out_ptr,
                          slopes_ptr, qk_scale, off_bh, head, q_start, seq_q, seq_k, offset, lo, hi, lo_full, hi_full,
-                         1, BLOCK_M_WG, BLOCK_N, HEAD_D, NUM_STAGES, WINDOW, PREFIX, ALIBI, SCALE_MAX, EVEN_M, PINGPONG)),
+                         1, BLOCK_M_WG, BLOCK_N, HEAD_D, NUM_STAGES, WINDOW, PREFIX, ALIBI, SCALE_MAX, EVEN_M,
+                         PINGPONG)),
             (_producer, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, kv_empty, q_row,
                          kv_row, lo, hi, BLOCK_M_WG, BLOCK_N, NUM_STAGES)),
         ],
@@ -517,8 +523,8 @@ def _plan(q, k, v, out, scale, variant_tensors):
     grid = (B * H * -(-Sq // BLOCK_M),)  # flat, query blocks fastest (the kernel decodes pid)
     args = (q_desc, k_desc, v_desc, o_desc, oc, slopes, qk_scale, Sq, Sk, offset, H)
     consts = dict(GQA_G=GQA, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, HEAD_D=D, NUM_STAGES=NUM_STAGES, WINDOW=WINDOW,
-                  PREFIX=PREFIX, ALIBI=bool(ALIBI_KEY), SCALE_MAX=(qk_scale > 0 and not ALIBI_KEY), EVEN_M=(Sq % BLOCK_M == 0),
-                  PINGPONG=PINGPONG)
+                  PREFIX=PREFIX, ALIBI=bool(ALIBI_KEY), SCALE_MAX=(qk_scale > 0 and not ALIBI_KEY),
+                  EVEN_M=(Sq % BLOCK_M == 0), PINGPONG=PINGPONG)
     return grid, args, consts, oc
 
 
